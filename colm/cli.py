@@ -1,0 +1,139 @@
+"""Command line: ``python -m colm generate | train | evaluate``.  Each subcommand is one small function whose
+docstring is its help; user errors print one line to stderr and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .models import ColmError
+
+SHIPPED_HEAD = Path(__file__).resolve().parent.parent / "assets" / "head-gsm8k.safetensors"
+
+
+def _common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default="default", help="base model: 'default', a directory, a .gguf or a hub id")
+    p.add_argument("--expert", default="default", help="expert model, same forms as --base")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="auto", help="bf16, fp32 or auto (bf16 where the CPU has it)")
+
+
+def _load(args, need_head: bool = True):
+    """Load the pair and the head named by ``args`` (the shipped head by default)."""
+    from .head import DeferralHead, untrained_head
+    from .models import load_pair
+    pair = load_pair(args.base, args.expert, dtype=args.dtype, device=args.device,
+                     progress=lambda m: print(m, file=sys.stderr))
+    head_path = getattr(args, "head", None)
+    if head_path is None and SHIPPED_HEAD.exists() and args.base == "default":
+        head_path = SHIPPED_HEAD
+    if head_path is not None:
+        head = DeferralHead.load(head_path, pair.base, pair.base_id)
+    else:
+        head = untrained_head(pair.base, pair.base_id)
+    if need_head and not head.trained:
+        print("warning: no trained deferral head for this base model; p_defer is 0.5 everywhere, so the colm "
+              "policy never defers. Train one with `python -m colm train`.", file=sys.stderr)
+    return pair, head
+
+
+def _policy(args, head):
+    from .decode import Policy
+    threshold = args.threshold if args.threshold is not None else head.threshold
+    return Policy(args.policy, threshold=threshold, rate=args.rate, min_prob=args.min_prob, seed=args.seed)
+
+
+def render_marked(trace, color: bool) -> str:
+    """The answer with expert-sourced runs marked: ANSI colour on a terminal, [[...]] otherwise."""
+    out, run = [], []
+    open_, close = ("\x1b[1;38;5;208m", "\x1b[0m") if color else ("[[", "]]")
+    for s in trace.steps:
+        if s.source == "expert":
+            run.append(s.text)
+            continue
+        if run:
+            out.append(open_ + "".join(run) + close)
+            run = []
+        out.append(s.text)
+    if run:
+        out.append(open_ + "".join(run) + close)
+    return "".join(out)
+
+
+def cmd_generate(args) -> int:
+    """Decode one prompt with Co-LLM (or a baseline policy) and show which tokens came from the expert."""
+    pair, head = _load(args, need_head=args.policy == "colm")
+    from .decode import CoLLM
+    dec = CoLLM(pair, head)
+    trace = dec.generate(args.prompt, policy=_policy(args, head), max_new_tokens=args.max_new_tokens,
+                         chat=not args.raw)
+    if args.json:
+        d = trace.to_dict(full=False)
+        keys = ("text", "deferral_rate", "expert_calls", "decode_seconds", "tokens_per_second", "base_model",
+                "expert_model", "head", "head_trained", "policy", "stop_reason", "steps")
+        print(json.dumps({k: d[k] for k in keys}, ensure_ascii=False))
+        return 0
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    print(render_marked(trace, color))
+    n_exp = sum(s.source == "expert" for s in trace.steps)
+    print(f"\ndeferral rate: {trace.deferral_rate:.1%} ({n_exp}/{len(trace.steps)} tokens from the expert, "
+          f"{trace.expert_calls} expert calls, {trace.tokens_per_second:.1f} tokens/s)")
+    return 0
+
+
+def cmd_train(args) -> int:
+    """Train a deferral head on GSM8K-format data (teacher-forced features, then the chosen objective)."""
+    from .train import main as train_main
+    return train_main(args)
+
+
+def cmd_evaluate(args) -> int:
+    """Sweep thresholds on the dev split, compare with baselines and write results JSON + a Plotly figure."""
+    from .evaluate import main as eval_main
+    return eval_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="colm", description="Co-LLM: a base model that learns when to defer to an expert.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
+    g.add_argument("prompt")
+    g.add_argument("--threshold", type=float, default=None, help="defer when p_defer > this (default: the head's)")
+    g.add_argument("--policy", default="colm", choices=["colm", "base", "expert", "random", "confidence"])
+    g.add_argument("--rate", type=float, default=0.2, help="deferral rate for --policy random")
+    g.add_argument("--min-prob", type=float, default=0.5, help="confidence policy: defer below this top probability")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--head", default=None, help="deferral head .safetensors (default: the shipped head)")
+    g.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of marked text")
+    _common_model_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    from .train import add_arguments as train_args
+    t = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    train_args(t)
+    _common_model_args(t)
+    t.set_defaults(func=cmd_train)
+
+    from .evaluate import add_arguments as eval_args
+    e = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
+    eval_args(e)
+    _common_model_args(e)
+    e.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ColmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,102 @@
+"""GSM8K-format data: reading, the one shared instruction, answer extraction and the dev split."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .models import ColmError
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+# Used verbatim by training, evaluation and the app's examples, so the head sees the prompts it will be used on.
+INSTRUCTION = ("Solve the problem step by step, briefly. "
+               "End with a final line of the form '#### <number>'.")
+
+
+@dataclass(frozen=True)
+class Example:
+    index: int          # line number in the source file (0-based): a stable id across runs
+    question: str
+    solution: str       # gold worked solution without <<...>> annotations, ending in "#### n"
+    answer: str         # normalised gold answer
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Read GSM8K-format JSONL; a malformed line or a missing field stops with the line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise ColmError(f"data file not found: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ColmError(f"{path}:{n + 1}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+                raise ColmError(f"{path}:{n + 1}: each line needs string fields 'question' and 'answer' (GSM8K format)")
+            solution = strip_annotations(row["answer"])
+            gold = extract_answer(solution)
+            if gold is None:
+                raise ColmError(f"{path}:{n + 1}: the answer has no final number to score against")
+            out.append(Example(n, row["question"].strip(), solution, gold))
+    if not out:
+        raise ColmError(f"{path}: no examples")
+    return out
+
+
+def strip_annotations(text: str) -> str:
+    """'48/2 = <<48/2=24>>24 clips' -> '48/2 = 24 clips' (GSM8K's calculator annotations)."""
+    return re.sub(r"<<[^<>]*>>", "", text).strip()
+
+
+_NUM = r"-?[\d,]*\.?\d+"
+
+
+def normalize_number(s: str) -> str | None:
+    s = s.replace(",", "").replace("$", "").strip().rstrip(".")
+    try:
+        v = float(s)
+    except ValueError:
+        return None
+    return str(int(v)) if v == int(v) else repr(v)
+
+
+def extract_answer(text: str) -> str | None:
+    """The last '#### n' if there is one, otherwise the last number; commas, '$' and a trailing '.' ignored."""
+    marked = re.findall(r"####\s*\$?\s*(" + _NUM + ")", text)
+    if marked:
+        return normalize_number(marked[-1])
+    nums = re.findall(_NUM, text.replace("$", ""))
+    for cand in reversed(nums):
+        v = normalize_number(cand)
+        if v is not None:
+            return v
+    return None
+
+
+def is_correct(completion: str, gold: str) -> bool:
+    got = extract_answer(completion)
+    return got is not None and got == gold
+
+
+def messages(question: str) -> list[dict]:
+    """The chat prompt for one problem."""
+    return [{"role": "user", "content": f"{question.strip()}\n\n{INSTRUCTION}"}]
+
+
+def split(examples: list[Example], dev_size: int = 300, salt: str = "colm-dev-v1") -> tuple[list[Example], list[Example]]:
+    """Deterministic (train, dev): an example is dev when its hash ranks among the ``dev_size`` smallest.
+
+    Hash-based rather than positional so that the split does not depend on file order and never changes when
+    ``--limit`` trims the training side.
+    """
+    key = lambda e: hashlib.sha256(f"{salt}:{e.question}".encode()).hexdigest()
+    ranked = sorted(examples, key=key)
+    dev_ids = {e.index for e in ranked[:dev_size]}
+    return [e for e in examples if e.index not in dev_ids], [e for e in examples if e.index in dev_ids]

@@ -1,0 +1,86 @@
+"""Resumable greedy rollouts of one model over GSM8K prompts (the on-policy data for disagreement labels).
+
+Generation is the expensive part of training, so it appends one JSON line per answer and skips what is done:
+a run can stop at any time and continue in a later session.  A line cut off by a kill is dropped on reading.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .data import Example, is_correct, messages
+
+
+def read_done(path: Path) -> dict[int, dict]:
+    """index -> record for every complete line; a torn last line is truncated away."""
+    done: dict[int, dict] = {}
+    if not path.exists():
+        return done
+    good = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            done[rec["index"]] = rec
+            good += len(line)
+    if good != path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return done
+
+
+@torch.inference_mode()
+def rollout(model, tokenizer, examples: list[Example], out: str | Path, batch_size: int = 16,
+            max_new_tokens: int = 256, encode=None, progress: bool = True) -> dict[int, dict]:
+    """Greedy-decode every example not yet in ``out``; append {index, ids, text, correct} per answer.
+
+    ``encode(messages) -> ids`` must be the same prompt encoding the decoder uses (``CoLLM.encode``).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = read_done(out)
+    todo = [e for e in examples if e.index not in done]
+    # Similar lengths batch together, so left padding wastes little.
+    prompts = {e.index: encode(messages(e.question)) for e in todo}
+    todo.sort(key=lambda e: len(prompts[e.index]))
+    pad = tokenizer.pad_token_id
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"rollouts -> {out.name}")
+    dev = next(model.parameters()).device
+    for s in range(0, len(todo), batch_size):
+        chunk = todo[s:s + batch_size]
+        rows = [prompts[e.index] for e in chunk]
+        P = max(map(len, rows))
+        ids = torch.full((len(rows), P), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, P - len(r):] = torch.tensor(r)
+            mask[i, P - len(r):] = 1
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad)
+        with open(out, "a", encoding="utf-8") as f:
+            for e, row in zip(chunk, gen[:, P:].tolist()):
+                eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+                          else [model.generation_config.eos_token_id])
+                cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+                row = row[:cut]
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                rec = {"index": e.index, "ids": row, "text": text, "correct": is_correct(text, e.answer)}
+                done[e.index] = rec
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if bar:
+            bar.update(len(chunk))
+    if bar:
+        bar.close()
+    return done

@@ -1,0 +1,81 @@
+"""Tiny random Qwen2 models that share a small byte-level BPE tokenizer with a ChatML template."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+CORPUS = [
+    "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?",
+    "What is a^3 * a^2 if a = 5? The answer is 3125.",
+    "def add(a, b):\n    return a + b\n",
+    "Solve the problem step by step, briefly. End with a final line of the form '#### <number>'.",
+    "The quick brown fox jumps over the lazy dog 0123456789 + - * / = ( ) $ #### ",
+] * 4
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tokenizer(vocab_size: int = 320, corpus=CORPUS):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHATML
+    return tok
+
+
+def make_model(tok, seed: int, hidden: int = 32, layers: int = 2, pad_vocab: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=len(tok) + pad_vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, initializer_range=0.3, tie_word_embeddings=False,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    m = Qwen2ForCausalLM(cfg).eval()
+    m.generation_config.eos_token_id = tok.eos_token_id
+    m.generation_config.pad_token_id = tok.pad_token_id
+    m.requires_grad_(False)
+    return m
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def pair(tok):
+    from colm.models import Pair
+    return Pair(make_model(tok, 0), make_model(tok, 1, hidden=48, layers=3, pad_vocab=8), tok, "tiny-base", "tiny-expert")
+
+
+@pytest.fixture()
+def head(pair):
+    from colm.head import DeferralHead
+    torch.manual_seed(3)
+    h = DeferralHead(pair.base.config.hidden_size, {"trained": True, "threshold": 0.5, "name": "random-test-head"})
+    torch.nn.init.normal_(h.linear.weight, std=1.0)
+    return h
+
+
+@pytest.fixture()
+def decoder(pair, head):
+    from colm.decode import CoLLM
+    return CoLLM(pair, head)
+
+
+@pytest.fixture(scope="session")
+def pair_dirs(tmp_path_factory, pair, tok):
+    """The tiny pair saved as local model directories (save_pretrained layout)."""
+    root = tmp_path_factory.mktemp("models")
+    for name, m in (("base", pair.base), ("expert", pair.expert)):
+        m.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root
