@@ -1,0 +1,191 @@
+"""Threshold selection and evaluation: the accuracy-vs-deferral curve, against the paper's baselines.
+
+Every decode is a resumable JSONL run in ``--out``/runs/, one line per problem, so an evaluation can stop and
+resume (or be extended) without redoing work.  Pure policies (base-only, expert-only) go through the model's own
+``generate`` — identical tokens to the Co-LLM loop under those policies (tested), without running the idle model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .data import Example, is_correct, messages
+from .decode import CoLLM, Policy
+from .models import ColmError
+from .rollouts import read_done, rollout
+
+FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def quantile_thresholds(p: torch.Tensor, fractions=FRACTIONS) -> list[float]:
+    """η_f such that a fraction f of the tokens have p_defer > η_f (the paper code's sweep).
+
+    f = 0 maps to 1.0: never defer.
+    """
+    p = p.double().flatten()
+    return [1.0 if f <= 0 else float(torch.quantile(p, 1.0 - f)) for f in fractions]
+
+
+def run_policy(dec: CoLLM, examples: list[Example], policy: Policy, path: Path, batch_size: int = 16,
+               max_new_tokens: int = 256, progress: bool = True) -> dict[int, dict]:
+    """Decode every example not yet in ``path`` under ``policy``; one JSON line per problem."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = read_done(path)
+    todo = [e for e in examples if e.index not in done]
+    todo.sort(key=lambda e: len(e.question))
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+        bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=path.stem, file=sys.stderr)
+    for s in range(0, len(todo), batch_size):
+        chunk = todo[s:s + batch_size]
+        t0 = time.perf_counter()
+        traces = dec.generate_batch([messages(e.question) for e in chunk], policy, max_new_tokens)
+        dt = time.perf_counter() - t0
+        with open(path, "a", encoding="utf-8") as f:
+            for e, tr in zip(chunk, traces):
+                rec = {"index": e.index, "ids": tr.token_ids, "text": tr.text, "correct": is_correct(tr.text, e.answer),
+                       "deferral": tr.deferral_rate, "expert_calls": tr.expert_calls, "batch_seconds": dt,
+                       "batch_tokens": sum(len(t.steps) for t in traces)}
+                done[e.index] = rec
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if bar:
+            bar.update(len(chunk))
+    if bar:
+        bar.close()
+    return {e.index: done[e.index] for e in examples}
+
+
+def summarize(records: dict[int, dict], pure: str | None = None) -> dict:
+    """Accuracy and mean per-example deferral frequency (the paper's definition) over ``records``."""
+    recs = list(records.values())
+    n = len(recs)
+    if n == 0:
+        return {"n": 0, "accuracy": float("nan"), "deferral": float("nan")}
+    deferral = 1.0 if pure == "expert" else 0.0 if pure == "base" else sum(r["deferral"] for r in recs) / n
+    out = {"n": n, "accuracy": sum(r["correct"] for r in recs) / n, "deferral": deferral,
+           "mean_tokens": sum(len(r["ids"]) for r in recs) / n}
+    if pure is None:
+        out["expert_calls"] = sum(r["expert_calls"] for r in recs)
+        batches = {(r["batch_seconds"], r["batch_tokens"]) for r in recs}
+        secs = sum(b[0] for b in batches)
+        out["tokens_per_second"] = sum(b[1] for b in batches) / secs if secs else float("nan")
+    return out
+
+
+@torch.inference_mode()
+def teacher_forced_scores(dec: CoLLM, examples: list[Example], answers: dict[int, dict], batch_size: int = 8):
+    """Along given answers (e.g. the base's greedy ones): p_defer and the base's probability of each token."""
+    from .train import features_for_batch, sequences
+    seqs = sequences(examples, dec.encode, dec.pair.tokenizer, answers)
+    ps, lps = [], []
+    for s in range(0, len(seqs), batch_size):
+        f = features_for_batch(dec.pair, seqs[s:s + batch_size], with_expert=False)
+        ps.append(dec.head.p_defer(f["h"].float()).cpu())
+        lps.append(f["lp_base"])
+    return torch.cat(ps), torch.cat(lps).exp()
+
+
+def choose(points: list[dict]) -> dict:
+    """Best accuracy; ties go to the lower deferral frequency (cheaper)."""
+    return max(points, key=lambda r: (r["accuracy"], -r["deferral"]))
+
+
+def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS, sweep_examples=None,
+             thresholds: list[float] | None = None, batch_size: int = 16, max_new_tokens: int = 256,
+             baselines: bool = True) -> dict:
+    """Sweep (or take) thresholds, pick the best on ``sweep_examples``, then evaluate it and the baselines on all
+    ``examples``: base-only, expert-only, random and confidence deferral at the chosen point's frequency."""
+    runs = out / "runs"
+    sweep_examples = sweep_examples or examples
+    pair = dec.pair
+    base = rollout(pair.base, pair.tokenizer, examples, runs / "base.jsonl", batch_size, max_new_tokens, dec.encode)
+    results: dict = {"n_examples": len(examples), "n_sweep": len(sweep_examples), "max_new_tokens": max_new_tokens,
+                     "base_model": pair.base_id, "expert_model": pair.expert_id, "head": dec.head.identity}
+    results["base"] = summarize(base, "base")
+    if baselines:
+        expert = rollout(pair.expert, pair.tokenizer, examples, runs / "expert.jsonl", batch_size, max_new_tokens,
+                         dec.encode)
+        results["expert"] = summarize(expert, "expert")
+    # Thresholds from the head's scores along the base's own answers: what the decoder sees before it defers.
+    p, top = teacher_forced_scores(dec, sweep_examples, base)
+    if thresholds is None:
+        thresholds = quantile_thresholds(p, fractions)
+    results["colm"], results["random"] = [], []
+    for thr in thresholds:
+        recs = run_policy(dec, sweep_examples, Policy("colm", threshold=thr), runs / f"colm-{thr:.6f}.jsonl",
+                          batch_size, max_new_tokens)
+        results["colm"].append({"threshold": thr, **summarize(recs)})
+    chosen = choose(results["colm"])
+    final = run_policy(dec, examples, Policy("colm", threshold=chosen["threshold"]),
+                       runs / f"colm-{chosen['threshold']:.6f}.jsonl", batch_size, max_new_tokens)
+    results["chosen"] = {"threshold": chosen["threshold"], **summarize(final)}
+    if baselines:
+        f = round(results["chosen"]["deferral"], 3)
+        rnd = run_policy(dec, examples, Policy("random", rate=f, seed=0), runs / f"random-{f:.3f}.jsonl",
+                         batch_size, max_new_tokens)
+        results["random"].append({"rate": f, **summarize(rnd)})
+        # The confidence policy's cut-off giving the same share of tokens along the base's answers.
+        min_prob = float(torch.quantile(top.double(), f)) if f > 0 else 0.0
+        conf = run_policy(dec, examples, Policy("confidence", min_prob=min_prob), runs / f"confidence-{min_prob:.6f}.jsonl",
+                          batch_size, max_new_tokens)
+        results["confidence"] = [{"min_prob": min_prob, **summarize(conf)}]
+    return results
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--data", default=None, help="GSM8K-format JSONL (default: ../shared/data/gsm8k/train.jsonl)")
+    p.add_argument("--split", default="dev", choices=["dev", "file"],
+                   help="dev: the dev split carved from --data (as in training); file: every problem in --data")
+    p.add_argument("--dev-size", type=int, default=300)
+    p.add_argument("--limit", type=int, default=200, help="evaluate on the first N problems of the split")
+    p.add_argument("--sweep-limit", type=int, default=None, help="sweep thresholds on the first N (default: all)")
+    p.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="deferral frequencies to sweep")
+    p.add_argument("--thresholds", default=None, help="comma-separated thresholds instead of a sweep")
+    p.add_argument("--head", default=None, help="deferral head (default: the shipped head)")
+    p.add_argument("--out", required=True, help="output directory: results.json, curve.html, runs/")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--write-threshold", action="store_true", help="store the chosen threshold in the head file")
+
+
+def main(args) -> int:
+    from .cli import _load
+    from .data import DEFAULT_DATA, read_jsonl, split
+    data = Path(args.data) if args.data else DEFAULT_DATA
+    rows = read_jsonl(data)
+    examples = split(rows, args.dev_size)[1] if args.split == "dev" else rows
+    examples = examples[:args.limit]
+    pair, head = _load(args, need_head=True)
+    if not head.trained:
+        raise ColmError("evaluate needs a trained head (--head PATH)")
+    dec = CoLLM(pair, head)
+    sweep = examples[:args.sweep_limit] if args.sweep_limit else examples
+    fractions = [float(x) for x in args.fractions.split(",")]
+    thresholds = [float(x) for x in args.thresholds.split(",")] if args.thresholds else None
+    out = Path(args.out)
+    res = evaluate(dec, examples, out, fractions, sweep, thresholds, args.batch_size, args.max_new_tokens,
+                   not args.no_baselines)
+    res["split"] = args.split
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    from .viz import curve_figure
+    curve_figure(res).write_html(str(out / "curve.html"), include_plotlyjs=True)
+    if args.write_threshold:
+        head_path = Path(args.head) if args.head else None
+        if head_path is None:
+            from .cli import SHIPPED_HEAD
+            head_path = SHIPPED_HEAD
+        head.meta["threshold"] = res["chosen"]["threshold"]
+        head.meta.setdefault("metrics", {})["dev"] = {k: res[k] for k in ("base", "expert", "chosen", "random") if k in res}
+        head.save(head_path)
+    print(json.dumps({k: res[k] for k in ("base", "expert", "chosen", "random", "confidence") if k in res}, indent=1))
+    return 0

@@ -1,0 +1,368 @@
+"""Learning the deferral head.
+
+  1. ``extract``: teacher-forced features for every target token — the base's final hidden state, log P(gold)
+     under base and expert, and both argmaxes — computed batched and cached as safetensors shards.
+  2. ``weak_labels``: Z = 1 where the expert's argmax is the gold token and the base's is not (paper, Sec. 3.2).
+  3. ``fit``: either objective, with a held-out split and early stopping:
+       marginal      -log[(1 - σ(d)) P_base(x) + σ(d) P_expert(x)]        (the paper's latent-variable objective)
+       disagreement  BCE(σ(d), [argmax P_base != x])  on the expert's own greedy answers (on-policy labels)
+     ``gold-disagreement`` is the free variant: the same labels on the gold solution, base vs expert argmax.
+
+The base stays frozen here (CPU default); ``joint_lora`` trains LoRA adapters on the base with the head (GPU).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .data import Example, messages
+from .head import DeferralHead
+from .models import ColmError
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "disagreement"    # marginal | disagreement | gold-disagreement
+    init: str = "weak"                 # marginal only: start from the weak-supervision fit ("weak") or zeros ("none")
+    val_fraction: float = 0.1          # examples held out for early stopping
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    batch_size: int = 4096             # tokens per optimiser step
+    max_epochs: int = 60
+    patience: int = 5                  # epochs without validation improvement before stopping
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------- features
+FEATURE_KEYS = ("h", "lp_base", "lp_expert", "arg_base", "arg_expert", "target", "example", "pos")
+
+
+def sequences(examples: list[Example], encode, tokenizer, rollouts: dict[int, dict] | None = None,
+              eos_id: int | None = None) -> list[tuple[int, list[int], list[int]]]:
+    """(example index, prompt ids, target ids): the gold solution, or the rollout's tokens when given."""
+    out = []
+    for e in examples:
+        prompt = encode(messages(e.question))
+        if rollouts is not None:
+            if e.index not in rollouts:
+                continue
+            target = list(rollouts[e.index]["ids"])
+        else:
+            target = tokenizer(e.solution, add_special_tokens=False)["input_ids"] + ([eos_id] if eos_id is not None else [])
+        if target:
+            out.append((e.index, prompt, target))
+    return out
+
+
+@torch.inference_mode()
+def _gold_stats(model, hidden: torch.Tensor, gold: torch.Tensor, n_vocab: int, chunk: int = 512):
+    """hidden [N, H] (post-norm), gold [N] -> (log P(gold) [N], argmax [N]).
+
+    log P(gold) = logit[gold] - logsumexp(logits), in chunks: never a full-vocabulary log-softmax kept around.
+    """
+    lps, args = [], []
+    for s in range(0, hidden.shape[0], chunk):
+        logits = model.lm_head(hidden[s:s + chunk])[:, :n_vocab].float()
+        g = gold[s:s + chunk]
+        lps.append(logits.gather(1, g[:, None]).squeeze(1) - logits.logsumexp(-1))
+        args.append(logits.argmax(-1))
+    return torch.cat(lps), torch.cat(args)
+
+
+@torch.inference_mode()
+def features_for_batch(pair, batch: list[tuple[int, list[int], list[int]]], with_expert: bool = True) -> dict:
+    """Right-padded teacher forcing on prompt + target; returns per-target-token feature tensors."""
+    dev, n_vocab = pair.device, len(pair.tokenizer)
+    seqs = [p + t for _, p, t in batch]
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pair.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    # Position j's hidden state predicts token j + 1: target token k of row i sits at len(prompt) + k.
+    rows, cols, ex, pos = [], [], [], []
+    for i, (idx, p, t) in enumerate(batch):
+        for k in range(len(t)):
+            rows.append(i), cols.append(len(p) + k - 1), ex.append(idx), pos.append(k)
+    rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
+    gold = ids[rows_t, cols_t + 1].to(dev)
+    ids, mask = ids.to(dev), mask.to(dev)
+    hb = pair.base.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[rows_t, cols_t]
+    lp_b, arg_b = _gold_stats(pair.base, hb, gold, n_vocab)
+    out = {"h": hb.to(torch.bfloat16).cpu(), "lp_base": lp_b.cpu(), "arg_base": arg_b.cpu(), "target": gold.cpu(),
+           "example": torch.tensor(ex), "pos": torch.tensor(pos)}
+    if with_expert:
+        he = pair.expert.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[rows_t, cols_t]
+        lp_e, arg_e = _gold_stats(pair.expert, he, gold, n_vocab)
+        out["lp_expert"], out["arg_expert"] = lp_e.cpu(), arg_e.cpu()
+    else:
+        out["lp_expert"] = torch.full_like(lp_b.cpu(), float("nan"))
+        out["arg_expert"] = torch.full_like(arg_b.cpu(), -1)
+    return out
+
+
+def extract(pair, seqs: list, out_dir: str | Path, identity: dict, batch_size: int = 8,
+            shard_examples: int = 64, with_expert: bool = True, progress: bool = True) -> dict:
+    """Compute features for ``seqs`` into ``out_dir``/shard-NNNNN.safetensors and return them concatenated.
+
+    Shards are written to a temporary name and renamed when complete, so an interrupted run resumes from the
+    last whole shard and never reads half-written data.  A manifest pins the models and data: a directory made
+    for something else is refused instead of silently mixed in.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ident = {**identity, "with_expert": with_expert, "shard_examples": shard_examples,
+             "data": hashlib.sha256(json.dumps([(i, p, t) for i, p, t in seqs]).encode()).hexdigest()}
+    manifest = out_dir / "manifest.json"
+    if manifest.exists():
+        if json.loads(manifest.read_text()) != ident:
+            raise ColmError(f"{out_dir} holds features for other models or data; pass a new --features directory "
+                            "or delete it")
+    else:
+        manifest.write_text(json.dumps(ident, indent=1))
+    for stale in out_dir.glob("*.tmp"):
+        stale.unlink()
+    n_shards = math.ceil(len(seqs) / shard_examples)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(seqs), desc="features", file=sys.stderr)
+    for s in range(n_shards):
+        path = out_dir / f"shard-{s:05d}.safetensors"
+        chunk = seqs[s * shard_examples:(s + 1) * shard_examples]
+        if not path.exists():
+            # Length-sorted batches waste less padding.
+            order = sorted(range(len(chunk)), key=lambda i: len(chunk[i][1]) + len(chunk[i][2]))
+            parts = [features_for_batch(pair, [chunk[i] for i in order[b:b + batch_size]], with_expert)
+                     for b in range(0, len(order), batch_size)]
+            tensors = {k: torch.cat([p[k] for p in parts]).contiguous() for k in FEATURE_KEYS}
+            tmp = path.with_name(path.name + ".tmp")
+            save_file(tensors, str(tmp))
+            os.replace(tmp, path)
+        if bar:
+            bar.update(len(chunk))
+    if bar:
+        bar.close()
+    return load_features(out_dir, n_shards)
+
+
+def load_features(out_dir: Path, n_shards: int | None = None) -> dict:
+    paths = sorted(Path(out_dir).glob("shard-*.safetensors"))[:n_shards]
+    if not paths:
+        raise ColmError(f"no feature shards in {out_dir}")
+    parts = [load_file(str(p)) for p in paths]
+    return {k: torch.cat([p[k] for p in parts]) for k in FEATURE_KEYS}
+
+
+# ----------------------------------------------------------------------------------------------- labels & losses
+def weak_labels(f: dict) -> torch.Tensor:
+    """Z = 1 where the expert's argmax is the gold token and the base's is not."""
+    return ((f["arg_expert"] == f["target"]) & (f["arg_base"] != f["target"])).float()
+
+
+def disagreement_labels(f: dict, objective: str) -> torch.Tensor:
+    """On a rollout the target *is* the expert's token; on gold, compare the two argmaxes."""
+    if objective == "gold-disagreement":
+        return (f["arg_base"] != f["arg_expert"]).float()
+    return (f["arg_base"] != f["target"]).float()
+
+
+def marginal_nll(d: torch.Tensor, lp_base: torch.Tensor, lp_expert: torch.Tensor) -> torch.Tensor:
+    """-log[(1 - σ(d)) P_base + σ(d) P_expert], stably in log space; mean over tokens."""
+    return -torch.logaddexp(F.logsigmoid(-d) + lp_base, F.logsigmoid(d) + lp_expert).mean()
+
+
+def weighted_bce(d: torch.Tensor, z: torch.Tensor, pos_weight: float) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(d, z, pos_weight=torch.tensor(pos_weight))
+
+
+def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC by the rank statistic (ties averaged)."""
+    pos, neg = labels.bool(), ~labels.bool()
+    if pos.sum() == 0 or neg.sum() == 0:
+        return float("nan")
+    order = scores.argsort()
+    ranks = torch.empty_like(scores, dtype=torch.float64)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    # average the ranks of tied scores
+    uniq, inv = torch.unique(scores, return_inverse=True)
+    if len(uniq) < len(scores):
+        sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, ranks)
+        cnt = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, torch.ones_like(ranks))
+        ranks = (sums / cnt)[inv]
+    n_pos, n_neg = pos.sum().item(), neg.sum().item()
+    return float((ranks[pos].sum().item() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+# ----------------------------------------------------------------------------------------------- fitting
+def split_by_example(f: dict, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token masks (train, val) with whole examples held out, so validation sees unseen problems."""
+    ex = f["example"].unique()
+    g = torch.Generator().manual_seed(seed)
+    val_ex = ex[torch.randperm(len(ex), generator=g)[:max(1, int(len(ex) * val_fraction))]]
+    val = torch.isin(f["example"], val_ex)
+    return ~val, val
+
+
+def _standardise(h: torch.Tensor, train: torch.Tensor):
+    x = h.float()
+    mu, sd = x[train].mean(0), x[train].std(0).clamp_min(1e-4)
+    return (x - mu) / sd, mu, sd
+
+
+def _loop(x, train, val, loss_fn, cfg: TrainConfig, w0=None):
+    """Adam on a linear logit d = x·w + b with early stopping on the validation loss; returns the best (w, b)."""
+    torch.manual_seed(cfg.seed)
+    lin = torch.nn.Linear(x.shape[1], 1)
+    with torch.no_grad():
+        if w0 is not None:
+            lin.weight.copy_(w0[0]), lin.bias.copy_(w0[1])
+        else:
+            lin.weight.zero_(), lin.bias.zero_()
+    opt = torch.optim.AdamW(lin.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tr_idx, va_idx = train.nonzero().squeeze(1), val.nonzero().squeeze(1)
+    best, best_state, bad, history = float("inf"), None, 0, []
+    for epoch in range(cfg.max_epochs):
+        perm = tr_idx[torch.randperm(len(tr_idx))]
+        for s in range(0, len(perm), cfg.batch_size):
+            b = perm[s:s + cfg.batch_size]
+            loss = loss_fn(lin(x[b]).squeeze(1), b)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            v = loss_fn(lin(x[va_idx]).squeeze(1), va_idx).item()
+            t = loss_fn(lin(x[tr_idx]).squeeze(1), tr_idx).item()
+        history.append({"epoch": epoch, "train": t, "val": v})
+        if v < best - 1e-5:
+            best, bad = v, 0
+            best_state = (lin.weight.detach().clone(), lin.bias.detach().clone())
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    return best_state, history
+
+
+def fit(f: dict, cfg: TrainConfig, hidden_size: int, meta: dict | None = None) -> tuple[DeferralHead, dict]:
+    """Fit a head to cached features under ``cfg.objective``; returns the head and its metrics."""
+    if cfg.objective not in ("marginal", "disagreement", "gold-disagreement"):
+        raise ColmError(f"unknown objective {cfg.objective!r}")
+    if cfg.objective != "disagreement" and torch.isnan(f["lp_expert"]).any():
+        raise ColmError(f"objective {cfg.objective} needs expert features; extract them with the expert")
+    train, val = split_by_example(f, cfg.val_fraction, cfg.seed)
+    x, mu, sd = _standardise(f["h"], train)
+    metrics: dict = {"tokens": int(len(x)), "examples": int(f["example"].unique().numel()),
+                     "train_tokens": int(train.sum()), "val_tokens": int(val.sum())}
+
+    def bce_fit(z):
+        pw = float((1 - z[train]).sum() / z[train].sum().clamp_min(1))
+        return _loop(x, train, val, lambda d, i: weighted_bce(d, z[i], pw), cfg), pw
+
+    if cfg.objective == "marginal":
+        lb, le = f["lp_base"], f["lp_expert"]
+        w0 = None
+        if cfg.init == "weak":
+            z = weak_labels(f)
+            (w0, hist0), _ = bce_fit(z)
+            metrics["weak_label_rate"] = float(z.mean())
+            metrics["weak_history"] = hist0[-1:]
+        state, hist = _loop(x, train, val, lambda d, i: marginal_nll(d, lb[i], le[i]), cfg, w0)
+        with torch.no_grad():
+            d = (x @ state[0].T).squeeze(1) + state[1]
+        for name, m in (("train", train), ("val", val)):
+            metrics[f"{name}_nll"] = float(marginal_nll(d[m], lb[m], le[m]))
+            metrics[f"{name}_nll_base"] = float(-lb[m].mean())
+            metrics[f"{name}_nll_expert"] = float(-le[m].mean())
+            metrics[f"{name}_nll_oracle"] = float(-torch.maximum(lb[m], le[m]).mean())
+        z = weak_labels(f)
+    else:
+        z = disagreement_labels(f, cfg.objective)
+        (state, hist), pw = bce_fit(z)
+        metrics["pos_weight"] = pw
+        with torch.no_grad():
+            d = (x @ state[0].T).squeeze(1) + state[1]
+    metrics["label_rate"] = float(z.mean())
+    metrics["val_auc"] = auc(d[val], z[val])
+    metrics.update(recall_at(d[val], z[val], 0.3))
+    metrics["epochs"] = len(hist)
+    metrics["history"] = hist
+    # Fold the standardisation into the linear map so the shipped head reads raw hidden states.
+    w = state[0] / sd
+    b = state[1] - (w * mu).sum()
+    head = DeferralHead(hidden_size, {**(meta or {}), "trained": True, "objective": cfg.objective,
+                                      "train_config": asdict(cfg),
+                                      "metrics": {k: v for k, v in metrics.items() if k != "history"}})
+    with torch.no_grad():
+        head.linear.weight.copy_(w), head.linear.bias.copy_(b)
+    return head, metrics
+
+
+def recall_at(d: torch.Tensor, z: torch.Tensor, frac: float) -> dict:
+    """Share of label-1 tokens caught when deferring the top ``frac`` of tokens by score."""
+    k = max(1, int(len(d) * frac))
+    top = d.topk(k).indices
+    return {f"recall_at_{int(frac * 100)}pct": float(z[top].sum() / z.sum().clamp_min(1))}
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def add_arguments(p) -> None:
+    p.add_argument("--data", default=None, help="GSM8K-format JSONL (default: ../shared/data/gsm8k/train.jsonl)")
+    p.add_argument("--out", required=True, help="where to write the head (.safetensors)")
+    p.add_argument("--objective", default="disagreement", choices=["marginal", "disagreement", "gold-disagreement"])
+    p.add_argument("--rollouts", default=None,
+                   help="JSONL of expert greedy answers (from `colm rollouts`), needed by --objective disagreement")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many training problems")
+    p.add_argument("--dev-size", type=int, default=300, help="problems carved from the data as the dev split (never trained on)")
+    p.add_argument("--features", default=None, help="feature cache directory (default: runs/features-<objective>-<n>)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--init", default="weak", choices=["weak", "none"])
+    p.add_argument("--threshold", type=float, default=0.5, help="threshold stored until `colm evaluate` picks one")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def main(args) -> int:
+    from .cli import _load
+    from .data import DEFAULT_DATA, read_jsonl, split
+    from .decode import CoLLM
+    from .rollouts import read_done
+    data_path = Path(args.data) if args.data else DEFAULT_DATA
+    train_ex, _dev = split(read_jsonl(data_path), args.dev_size)
+    if args.limit:
+        train_ex = train_ex[:args.limit]
+    pair, _ = _load(args, need_head=False)
+    enc = CoLLM(pair).encode
+    rollouts = None
+    if args.objective == "disagreement":
+        if not args.rollouts:
+            raise ColmError("--objective disagreement needs --rollouts (expert answers); make them with "
+                            "`python -m colm rollouts` or use --objective gold-disagreement")
+        rollouts = read_done(Path(args.rollouts))
+    eos = pair.tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in pair.tokenizer.get_vocab() else pair.tokenizer.eos_token_id
+    seqs = sequences(train_ex, enc, pair.tokenizer, rollouts, eos)
+    if not seqs:
+        raise ColmError("no training sequences (are the rollouts for this data file?)")
+    with_expert = args.objective != "disagreement"
+    feat_dir = Path(args.features or f"runs/features-{'rollouts' if rollouts else 'gold'}-{len(seqs)}")
+    ident = {"base": pair.base_id, "expert": pair.expert_id if with_expert else None, "data": str(data_path)}
+    f = extract(pair, seqs, feat_dir, ident, batch_size=args.batch_size, with_expert=with_expert)
+    cfg = TrainConfig(objective=args.objective, init=args.init, seed=args.seed)
+    meta = {"base_model": pair.base_id, "expert_model": pair.expert_id, "threshold": args.threshold,
+            "data": {"file": data_path.name, "problems": len(seqs), "dev_size": args.dev_size,
+                     "rollouts": Path(args.rollouts).name if rollouts else None},
+            "name": Path(args.out).name}
+    head, metrics = fit(f, cfg, pair.base.config.hidden_size, meta)
+    head.save(args.out)
+    report = {k: v for k, v in metrics.items() if k != "history"}
+    print(json.dumps(report, indent=1))
+    return 0

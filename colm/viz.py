@@ -1,0 +1,226 @@
+"""Traces and results -> things a person looks at: highlighted text, Plotly figures, a summary line, JSON.
+
+Knows nothing of Gradio, so the app stays a thin binding and every picture here is unit-testable.
+Colours are Okabe-Ito (colour-blind safe); figures have transparent backgrounds and mid-grey text so they read
+on light and dark page themes alike.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import unicodedata
+
+import plotly.graph_objects as go
+
+BASE_COLOR = "#0072B2"        # Okabe-Ito blue
+EXPERT_COLOR = "#E69F00"      # Okabe-Ito orange
+FLIP_COLOR = "#CC79A7"        # Okabe-Ito reddish purple
+THRESHOLD_COLOR = "#888888"   # neutral grey: visible on white and on near-black
+INK = "#888888"               # axis text; ~3.5:1 on white, ~5:1 on Gradio's dark background
+GRID = "rgba(136,136,136,0.25)"
+COLORS = {"base": BASE_COLOR, "expert": EXPERT_COLOR}
+EXPERT_LABEL, FLIP_LABEL = "expert", "would flip"
+COLOR_MAP = {EXPERT_LABEL: EXPERT_COLOR, FLIP_LABEL: FLIP_COLOR}   # for gr.HighlightedText(color_map=...)
+POLICY_NAMES = {"colm": "Co-LLM", "base": "base only", "expert": "expert only", "random": "random",
+                "confidence": "confidence"}
+
+# Characters that would reorder or hide the surrounding text if shown raw.
+_BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_VISIBLE = {" ": "·", "\n": "⏎", "\t": "\\t"}
+
+
+# ----------------------------------------------------------------------------------------------- token text
+def _escape(ch: str) -> str:
+    c = ord(ch)
+    return f"\\x{c:02x}" if c <= 0xFF else f"\\u{c:04x}" if c <= 0xFFFF else f"\\U{c:08x}"
+
+
+def display_token(text, visible: bool = False) -> str:
+    """The one place token text is cleaned for display.
+
+    visible=False (answer text): spaces, newlines and tabs stay as they are, so the answer reads as generated.
+    visible=True (chart labels): whitespace gets a visible stand-in (space ·, newline ⏎, tab \\t) and invisible
+    format characters are escaped, since a hover label of "" or " " tells nobody anything.
+    Either way control characters, lone surrogates and bidi overrides become escapes like \\x07: they would
+    otherwise corrupt the page (or its JSON) rather than show anything.
+    """
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        text = str(text)
+    out = []
+    for ch in text:
+        if visible and ch in _VISIBLE:
+            out.append(_VISIBLE[ch])
+        elif ch in "\n\t":
+            out.append(ch)
+        else:
+            cat = unicodedata.category(ch)
+            hidden = cat in ("Cc", "Cs") or ch in _BIDI or (visible and cat == "Cf" and ch != "\u200d")
+            out.append(_escape(ch) if hidden else ch)
+    return "".join(out)
+
+
+def _label_text(step) -> str:
+    """Visible text of a step; special tokens (empty display text) fall back to the token's own spelling."""
+    if step.text:
+        return display_token(step.text, visible=True)
+    for cands in (step.base_topk, step.expert_topk or []):
+        for tid, text, _ in cands:
+            if tid == step.token_id and text:
+                return display_token(text, visible=True)
+    return f"<token {step.token_id}>"
+
+
+def _p(step) -> float | None:
+    p = step.p_defer
+    return None if p is None or (isinstance(p, float) and math.isnan(p)) else float(p)
+
+
+# ----------------------------------------------------------------------------------------------- answer
+def flips(trace, new_threshold: float) -> list[int]:
+    """Positions whose Co-LLM decision would change at ``new_threshold``.  Only the first is exact: everything
+    after it will be re-decoded, so the rest are a preview of where the current trace disagrees."""
+    return [s.position for s in trace.steps
+            if _p(s) is not None and (_p(s) > new_threshold) != (s.source == "expert")]
+
+
+def highlighted(trace, flips: list[int] | None = None) -> list[tuple[str, str | None]]:
+    """(text, label) pairs for gr.HighlightedText: "expert" for expert tokens, None for base tokens and
+    "would flip" for positions in ``flips``.  Runs of one label are merged; whitespace is kept verbatim."""
+    marked = set(flips or ())
+    out: list[tuple[str, str | None]] = []
+    for s in trace.steps:
+        text = display_token(s.text)
+        if not text:
+            continue
+        label = FLIP_LABEL if s.position in marked else EXPERT_LABEL if s.source == "expert" else None
+        if out and out[-1][1] == label:
+            out[-1] = (out[-1][0] + text, label)
+        else:
+            out.append((text, label))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def _style(fig: go.Figure, **layout) -> go.Figure:
+    axis = dict(color=INK, gridcolor=GRID, zerolinecolor=GRID, linecolor=GRID)
+    fig.update_layout(
+        template="none", paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)",
+        font=dict(color=INK, size=13), margin=dict(l=60, r=70, t=40, b=50),
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
+        hoverlabel=dict(bgcolor="white", font=dict(color="black", family="monospace"), align="left"),
+        **layout)
+    fig.update_xaxes(**axis)
+    fig.update_yaxes(**axis)
+    return fig
+
+
+def _topk_line(name: str, cands) -> str:
+    if not cands:
+        return f"{name}: (not computed)"
+    parts = [f"'{html.escape(display_token(text, visible=True), quote=False)}' {p:.1%}" for _, text, p in cands]
+    return f"{name}: " + "  ".join(parts)
+
+
+def hover_text(step) -> str:
+    """Plotly hover label for one step.  Token text is HTML-escaped because Plotly reads labels as markup."""
+    p = _p(step)
+    return "<br>".join([
+        f"#{step.position} '{html.escape(_label_text(step), quote=False)}' from {step.source}",
+        f"p_defer {p:.3f}" if p is not None else "p_defer n/a",
+        _topk_line("base", step.base_topk),
+        _topk_line("expert", step.expert_topk),
+    ])
+
+
+def deferral_figure(trace, threshold: float, flips: list[int] | None = None) -> go.Figure:
+    """Bars of p_defer per generated position, coloured by source, with the threshold as a dashed line.
+    Positions in ``flips`` (a pending threshold's preview) get a hatched bar."""
+    marked = set(flips or ())
+    fig = go.Figure()
+    for source in ("base", "expert"):
+        steps = [s for s in trace.steps if s.source == source]
+        fig.add_trace(go.Bar(
+            x=[s.position for s in steps], y=[_p(s) for s in steps], name=f"from {source}",
+            marker=dict(color=COLORS[source], line=dict(width=0),
+                        pattern=dict(shape=["/" if s.position in marked else "" for s in steps],
+                                     fgcolor=FLIP_COLOR, solidity=0.5)),
+            hovertext=[hover_text(s) for s in steps], hoverinfo="text"))
+    fig.add_hline(y=threshold, line=dict(color=THRESHOLD_COLOR, dash="dash", width=2),
+                  annotation=dict(text=f"η = {threshold:.2f}", font=dict(color=INK)),
+                  annotation_position="right")
+    n = len(trace.steps)
+    return _style(fig, height=320, bargap=0.15, showlegend=True, uirevision="deferral",
+                  xaxis=dict(title="generated token position", range=[-0.5, max(n, 8) - 0.5]),
+                  yaxis=dict(title="p_defer", range=[0, 1.05]))
+
+
+def _curve(fig, points, key: str, name: str, color: str, dash: str, symbol: str) -> None:
+    pts = sorted((p for p in points or () if p.get("deferral") is not None and p.get("accuracy") is not None),
+                 key=lambda p: (p["deferral"], p.get(key, 0)))
+    if not pts:
+        return
+    fig.add_trace(go.Scatter(
+        x=[p["deferral"] for p in pts], y=[p["accuracy"] for p in pts], name=name, mode="lines+markers",
+        line=dict(color=color, dash=dash, width=2), marker=dict(symbol=symbol, size=8, color=color),
+        hovertext=[f"{name}<br>{key} {p.get(key, float('nan')):.3g}<br>deferral {p['deferral']:.1%}"
+                   f"<br>accuracy {p['accuracy']:.1%}" for p in pts], hoverinfo="text"))
+
+
+def curve_figure(results: dict) -> go.Figure:
+    """The paper's accuracy-vs-deferral-frequency plot from an evaluation results dict (any part optional)."""
+    fig = go.Figure()
+    _curve(fig, results.get("colm"), "threshold", "Co-LLM (threshold sweep)", "#D55E00", "solid", "circle")
+    _curve(fig, results.get("random"), "rate", "random deferral", "#56B4E9", "dash", "square")
+    _curve(fig, results.get("confidence"), "min_prob", "base-confidence deferral", "#009E73", "dot", "diamond")
+    for key, name, color, dash in (("base", "base only", BASE_COLOR, "dot"), ("expert", "expert only", EXPERT_COLOR, "dash")):
+        ref = results.get(key)
+        if ref and ref.get("accuracy") is not None:
+            fig.add_trace(go.Scatter(x=[0, 1], y=[ref["accuracy"]] * 2, name=f"{name} ({ref['accuracy']:.1%})",
+                                     mode="lines", line=dict(color=color, dash=dash, width=1.5), hoverinfo="name"))
+    chosen = results.get("chosen")
+    if chosen and chosen.get("deferral") is not None:
+        fig.add_trace(go.Scatter(
+            x=[chosen["deferral"]], y=[chosen["accuracy"]], mode="markers", name=f"chosen η = {chosen['threshold']:.2f}",
+            marker=dict(symbol="star", size=18, color=FLIP_COLOR, line=dict(color=INK, width=1)), hoverinfo="name"))
+    return _style(fig, height=420, xaxis=dict(title="deferral frequency (share of tokens from the expert)",
+                                              tickformat=".0%", range=[-0.02, 1.02]),
+                  yaxis=dict(title="accuracy", tickformat=".0%"))
+
+
+# ----------------------------------------------------------------------------------------------- text records
+def policy_label(policy: dict) -> str:
+    name = policy.get("name", "?")
+    if name == "colm":
+        return f"Co-LLM (η = {policy.get('threshold', 0.5):.2f})"
+    if name == "random":
+        return f"random ({policy.get('rate', 0):.0%})"
+    if name == "confidence":
+        return f"confidence (min p {policy.get('min_prob', 0.5):.2f})"
+    return POLICY_NAMES.get(name, name)
+
+
+def summary_line(trace) -> str:
+    n = len(trace.steps)
+    n_exp = sum(s.source == "expert" for s in trace.steps)
+    parts = [policy_label(trace.policy), f"{n} tokens",
+             f"deferral {trace.deferral_rate:.1%} ({n_exp} from the expert)",
+             f"{trace.expert_calls} expert calls", f"{trace.tokens_per_second:.1f} tokens/s",
+             f"{trace.decode_seconds:.2f} s"]
+    if trace.reused_steps:
+        parts.append(f"{trace.reused_steps} reused")
+    if trace.stop_reason:
+        parts.append({"eos": "finished", "length": "hit max tokens", "cancelled": "stopped"}.get(
+            trace.stop_reason, trace.stop_reason))
+    return " · ".join(parts)
+
+
+def trace_json(trace, settings: dict) -> str:
+    """The whole trace as one JSON document: prompt, settings, model and head identities, every step."""
+    doc = {"format": "colm-trace/1", "settings": settings, "prompt_ids": list(trace.prompt_ids), **trace.to_dict()}
+    text = json.dumps(doc, ensure_ascii=False, indent=1, default=str)
+    # A lone surrogate (a browser can send one) only occurs inside JSON strings, where \udXXX is its exact
+    # escape: the document stays readable and is always writable as UTF-8.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

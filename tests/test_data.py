@@ -1,0 +1,45 @@
+import pytest
+
+from colm.data import DEFAULT_DATA, INSTRUCTION, extract_answer, is_correct, messages, read_jsonl, split, strip_annotations
+
+
+@pytest.mark.parametrize("text,want", [
+    ("so 48+24 = 72 clips.\n#### 72", "72"),
+    ("#### 1,234", "1234"),
+    ("The answer is $18.", "18"),
+    ("She has 3 apples and 4.5 pears, total 7.50", "7.5"),
+    ("#### 5\nwait, actually #### 6", "6"),
+    ("#### -3", "-3"),
+    ("It costs $1,000.00 in total.", "1000"),
+    ("answer: 0.25", "0.25"),
+    ("no numbers here", None),
+    ("#### $ 42", "42"),
+])
+def test_extract_answer(text, want):
+    assert extract_answer(text) == want
+
+
+def test_is_correct():
+    assert is_correct("... so the total is 72.", "72")
+    assert not is_correct("... so the total is 71.", "72")
+    assert not is_correct("nothing", "72")
+
+
+def test_strip_annotations():
+    assert strip_annotations("48/2 = <<48/2=24>>24 clips\n#### 24") == "48/2 = 24 clips\n#### 24"
+
+
+def test_messages_use_the_shared_instruction():
+    m = messages("  How many?  ")
+    assert m == [{"role": "user", "content": f"How many?\n\n{INSTRUCTION}"}]
+
+
+@pytest.mark.skipif(not DEFAULT_DATA.exists(), reason="shared GSM8K data not present")
+def test_dev_split_is_deterministic_and_disjoint():
+    rows = read_jsonl(DEFAULT_DATA)
+    tr1, dev1 = split(rows)
+    tr2, dev2 = split(list(reversed(rows)))
+    assert {e.index for e in dev1} == {e.index for e in dev2}
+    assert len(dev1) == 300 and not ({e.index for e in tr1} & {e.index for e in dev1})
+    assert len(tr1) + len(dev1) == len(rows)
+    assert all(e.answer is not None and "<<" not in e.solution for e in rows[:100])

@@ -1,0 +1,244 @@
+"""colm.viz without Gradio: hand-built traces in, figures and records out."""
+import json
+import math
+import sys
+
+import plotly.graph_objects as go
+import pytest
+
+from colm import viz
+from colm.decode import Step, Trace
+
+
+def step(pos, text, source, p, tid=None, expert=True):
+    tid = 100 + pos if tid is None else tid
+    base = [(tid, text, 0.6), (7, " the", 0.25), (8, "<b>", 0.1)]
+    exp = [(tid, text, 0.9), (9, "\n", 0.05)] if expert else None
+    return Step(pos, tid, text, source, p, base, exp)
+
+
+def make_trace(policy=None):
+    steps = [step(0, "Hello", "base", 0.1), step(1, " world", "expert", 0.8), step(2, "\n", "expert", 0.7),
+             step(3, "\tx = 1", "base", 0.45), step(4, "  ", "base", 0.2, expert=False),
+             step(5, "", "expert", 0.9, tid=2)]  # an end token: no display text
+    return Trace("Say hi", [1, 2, 3], policy or {"name": "colm", "threshold": 0.5}, steps, expert_calls=3,
+                 decode_seconds=2.0, stop_reason="eos", base_model="tiny-base", expert_model="tiny-expert",
+                 head="random-test-head", head_trained=True)
+
+
+# ----------------------------------------------------------------------------------------------- display_token
+@pytest.mark.parametrize("text, faithful, visible", [
+    ("abc", "abc", "abc"),
+    (" a b", " a b", "·a·b"),
+    ("x\ny", "x\ny", "x⏎y"),
+    ("\t", "\t", "\\t"),
+    ("\x07", "\\x07", "\\x07"),
+    ("\r", "\\x0d", "\\x0d"),
+    ("\x00", "\\x00", "\\x00"),
+    ("\x9b", "\\x9b", "\\x9b"),                # C1 control
+    ("\u202e", "\\u202e", "\\u202e"),          # right-to-left override would reverse the page
+    ("\ud800", "\\ud800", "\\ud800"),          # lone surrogate
+    ("\u200b", "\u200b", "\\u200b"),           # zero-width space: invisible, so escaped on hover only
+    ("👩\u200d💻", "👩\u200d💻", "👩\u200d💻"),    # the ZWJ in an emoji sequence is part of the glyph
+    ("日本語 é", "日本語 é", "日本語·é"),
+    ("\U000e0001", "\U000e0001", "\\U000e0001"),
+    ("", "", ""),
+])
+def test_display_token(text, faithful, visible):
+    assert viz.display_token(text) == faithful
+    assert viz.display_token(text, visible=True) == visible
+    viz.display_token(text).encode("utf-8")  # always encodable
+
+
+def test_display_token_odd_inputs():
+    assert viz.display_token(None) == ""
+    assert viz.display_token(12) == "12"
+
+
+# ----------------------------------------------------------------------------------------------- highlighted / flips
+def test_highlighted_labels_merge_and_keep_whitespace():
+    tr = make_trace()
+    pairs = viz.highlighted(tr)
+    assert pairs == [("Hello", None), (" world\n", "expert"), ("\tx = 1  ", None)]
+    assert "".join(t for t, _ in pairs) == tr.text
+
+
+def test_highlighted_marks_flips_over_source():
+    pairs = viz.highlighted(make_trace(), flips=[1, 3])
+    assert pairs == [("Hello", None), (" world", "would flip"), ("\n", "expert"), ("\tx = 1", "would flip"),
+                     ("  ", None)]
+
+
+def test_highlighted_escapes_control_characters():
+    tr = make_trace()
+    tr.steps[0].text = "a\x07\u202eb"
+    assert viz.highlighted(tr)[0] == ("a\\x07\\u202eb", None)
+
+
+@pytest.mark.parametrize("threshold, want", [
+    (0.5, []),                 # the trace's own threshold: nothing changes
+    (0.4, [3]),                # 0.45 now defers
+    (0.75, [2]),               # 0.7 no longer defers
+    (0.05, [0, 3, 4]),
+    (0.95, [1, 2, 5]),
+])
+def test_flips(threshold, want):
+    assert viz.flips(make_trace(), threshold) == want
+
+
+def test_flips_skip_positions_without_head():
+    tr = make_trace()
+    tr.steps[0].p_defer = float("nan")
+    assert 0 not in viz.flips(tr, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------- deferral figure
+def bars(fig):
+    return {t.name: t for t in fig.data if isinstance(t, go.Bar)}
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.93, 1.0])
+def test_deferral_figure_threshold_line(threshold):
+    fig = viz.deferral_figure(make_trace(), threshold)
+    (line,) = fig.layout.shapes
+    assert line.y0 == line.y1 == threshold
+    assert line.line.dash == "dash"
+    assert f"{threshold:.2f}" in fig.layout.annotations[0].text
+
+
+def test_deferral_figure_bars_by_source():
+    fig = viz.deferral_figure(make_trace(), 0.5)
+    b = bars(fig)
+    assert list(b["from base"].x) == [0, 3, 4] and list(b["from base"].y) == [0.1, 0.45, 0.2]
+    assert list(b["from expert"].x) == [1, 2, 5] and list(b["from expert"].y) == [0.8, 0.7, 0.9]
+    assert b["from base"].marker.color == viz.BASE_COLOR == "#0072B2"
+    assert b["from expert"].marker.color == viz.EXPERT_COLOR
+    assert fig.layout.yaxis.range == (0, 1.05)
+
+
+def test_deferral_figure_hover_has_token_and_topk():
+    fig = viz.deferral_figure(make_trace(), 0.5)
+    b = bars(fig)
+    h_world = b["from expert"].hovertext[0]
+    assert "#1 '·world' from expert" in h_world
+    assert "p_defer 0.800" in h_world
+    assert "base: '·world' 60.0%  '·the' 25.0%  '&lt;b&gt;' 10.0%" in h_world   # markup escaped
+    assert "expert: '·world' 90.0%  '⏎' 5.0%" in h_world
+    h_nl = b["from expert"].hovertext[1]
+    assert "'⏎' from expert" in h_nl
+    assert "expert: (not computed)" in b["from base"].hovertext[2]           # position 4 has no expert view
+    assert "'·the'" in b["from base"].hovertext[2]
+
+
+def test_deferral_figure_special_token_label_falls_back_to_topk_text():
+    tr = make_trace()
+    tr.steps[5].base_topk = [(2, "<|im_end|>", 0.5)]
+    hover = bars(viz.deferral_figure(tr, 0.5))["from expert"].hovertext[2]
+    assert "#5 '&lt;|im_end|&gt;' from expert" in hover
+
+
+def test_deferral_figure_marks_flips():
+    fig = viz.deferral_figure(make_trace(), 0.4, flips=[3])
+    b = bars(fig)
+    assert list(b["from base"].marker.pattern.shape) == ["", "/", ""]
+    assert list(b["from expert"].marker.pattern.shape) == ["", "", ""]
+
+
+def test_deferral_figure_nan_p_and_empty_trace():
+    tr = make_trace({"name": "base"})
+    tr.steps[0].p_defer = float("nan")
+    fig = viz.deferral_figure(tr, 0.5)
+    assert bars(fig)["from base"].y[0] is None
+    assert "p_defer n/a" in bars(fig)["from base"].hovertext[0]
+    empty = Trace("x", [1], {"name": "colm", "threshold": 0.5})
+    fig = viz.deferral_figure(empty, 0.2)
+    assert fig.layout.shapes[0].y0 == 0.2
+    fig.to_json()
+
+
+def test_figures_are_theme_neutral():
+    for fig in (viz.deferral_figure(make_trace(), 0.5), viz.curve_figure(RESULTS)):
+        assert fig.layout.paper_bgcolor == fig.layout.plot_bgcolor == "rgba(0,0,0,0)"
+        assert fig.layout.font.color == viz.INK
+
+
+# ----------------------------------------------------------------------------------------------- curve figure
+RESULTS = {
+    "colm": [{"threshold": 0.9, "deferral": 0.05, "accuracy": 0.30}, {"threshold": 0.2, "deferral": 0.6, "accuracy": 0.52},
+             {"threshold": 0.5, "deferral": 0.2, "accuracy": 0.47}],
+    "random": [{"rate": 0.5, "deferral": 0.5, "accuracy": 0.38}, {"rate": 0.1, "deferral": 0.1, "accuracy": 0.3}],
+    "confidence": [{"min_prob": 0.5, "deferral": 0.15, "accuracy": 0.4}],
+    "base": {"accuracy": 0.28, "deferral": 0.0},
+    "expert": {"accuracy": 0.55, "deferral": 1.0},
+    "chosen": {"threshold": 0.5, "deferral": 0.2, "accuracy": 0.47},
+}
+
+
+def test_curve_figure_traces():
+    fig = viz.curve_figure(RESULTS)
+    by = {t.name.split(" (")[0]: t for t in fig.data}
+    colm = by["Co-LLM"]
+    assert list(colm.x) == [0.05, 0.2, 0.6] and list(colm.y) == [0.30, 0.47, 0.52]   # sorted by deferral
+    assert "threshold 0.5" in colm.hovertext[1]
+    assert list(by["random deferral"].x) == [0.1, 0.5]
+    assert list(by["base-confidence deferral"].y) == [0.4]
+    assert list(by["base only"].y) == [0.28, 0.28] and list(by["base only"].x) == [0, 1]
+    assert list(by["expert only"].y) == [0.55, 0.55]
+    star = next(t for t in fig.data if t.name.startswith("chosen"))
+    assert (star.x[0], star.y[0]) == (0.2, 0.47) and star.marker.symbol == "star"
+    assert "0.50" in star.name
+    # Colour-blind safety does not rest on colour alone: every curve has its own dash and marker.
+    curves = [by["Co-LLM"], by["random deferral"], by["base-confidence deferral"]]
+    assert len({(c.line.dash, c.marker.symbol) for c in curves}) == 3
+
+
+@pytest.mark.parametrize("drop", ["colm", "random", "confidence", "base", "expert", "chosen"])
+def test_curve_figure_parts_optional(drop):
+    res = {k: v for k, v in RESULTS.items() if k != drop}
+    fig = viz.curve_figure(res)
+    assert len(fig.data) == 5
+    fig.to_json()
+
+
+def test_curve_figure_empty():
+    assert len(viz.curve_figure({}).data) == 0
+
+
+# ----------------------------------------------------------------------------------------------- summary / json
+def test_summary_line():
+    s = viz.summary_line(make_trace())
+    for want in ("Co-LLM (η = 0.50)", "6 tokens", "deferral 50.0% (3 from the expert)", "3 expert calls",
+                 "3.0 tokens/s", "2.00 s", "finished"):
+        assert want in s
+    tr = make_trace({"name": "random", "rate": 0.3, "seed": 0})
+    tr.reused_steps, tr.stop_reason = 2, "cancelled"
+    s = viz.summary_line(tr)
+    assert s.startswith("random (30%)") and "2 reused" in s and "stopped" in s and "2.0 tokens/s" in s
+
+
+def test_summary_line_empty_trace():
+    assert "0 tokens" in viz.summary_line(Trace("x", [1], {"name": "base"}))
+
+
+def test_trace_json_roundtrip():
+    tr = make_trace()
+    tr.prompt = "naïve \ud800 prompt"
+    tr.steps[0].p_defer = float("nan")
+    settings = {"policy": "colm", "threshold": 0.5, "max_new_tokens": 64}
+    text = viz.trace_json(tr, settings)
+    text.encode("utf-8")
+    doc = json.loads(text)
+    assert doc["prompt"] == tr.prompt and "naïve" in text
+    assert doc["settings"] == settings
+    assert doc["base_model"] == "tiny-base" and doc["expert_model"] == "tiny-expert" and doc["head"] == "random-test-head"
+    assert doc["prompt_ids"] == [1, 2, 3]
+    assert len(doc["steps"]) == 6 and doc["steps"][0]["p_defer"] is None
+    assert doc["steps"][1]["source"] == "expert" and doc["steps"][1]["base_topk"][0][1] == " world"
+    assert "NaN" not in text
+
+
+def test_viz_does_not_import_gradio():
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", "import sys, colm.viz; print('gradio' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
