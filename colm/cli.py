@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .models import ColmError
 
-SHIPPED_HEAD = Path(__file__).resolve().parent.parent / "assets" / "head-gsm8k.safetensors"
+from .head import SHIPPED_HEAD  # noqa: F401  (the app and docs refer to it from here too)
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
@@ -22,20 +22,16 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args, need_head: bool = True):
     """Load the pair and the head named by ``args`` (the shipped head by default)."""
-    from .head import DeferralHead, untrained_head
+    import warnings
+    from .head import UntrainedHeadWarning, load_head
     from .models import load_pair
     pair = load_pair(args.base, args.expert, dtype=args.dtype, device=args.device,
                      progress=lambda m: print(m, file=sys.stderr))
-    head_path = getattr(args, "head", None)
-    if head_path is None and SHIPPED_HEAD.exists() and args.base == "default":
-        head_path = SHIPPED_HEAD
-    if head_path is not None:
-        head = DeferralHead.load(head_path, pair.base, pair.base_id)
-    else:
-        head = untrained_head(pair.base, pair.base_id)
-    if need_head and not head.trained:
-        print("warning: no trained deferral head for this base model; p_defer is 0.5 everywhere, so the colm "
-              "policy never defers. Train one with `python -m colm train`.", file=sys.stderr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UntrainedHeadWarning)
+        head = load_head(pair, getattr(args, "head", None))
+    if need_head and any(issubclass(w.category, UntrainedHeadWarning) for w in caught):
+        print(f"warning: {caught[0].message}", file=sys.stderr)
     return pair, head
 
 

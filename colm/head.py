@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .models import ColmError
+from .models import DEFAULT_BASE, ColmError
+
+SHIPPED_BASE = DEFAULT_BASE.name
 
 
 class HeadMismatchError(ColmError):
     pass
+
+
+SHIPPED_HEAD = Path(__file__).resolve().parent.parent / "assets" / "head-gsm8k.safetensors"
 
 
 class DeferralHead(torch.nn.Module):
@@ -99,3 +105,21 @@ def check_fits(head: DeferralHead, base_model, base_id: str | None = None) -> No
 
 def untrained_head(base_model, base_id: str | None = None) -> DeferralHead:
     return DeferralHead(base_model.config.hidden_size, {"base_model": base_id, "name": "untrained head"})
+
+
+def load_head(pair, path: str | Path | None = None) -> DeferralHead:
+    """The head at ``path``; by default the shipped head when ``pair`` is the embedded default pair.
+
+    Without one, an untrained head is returned and a warning raised: running untrained is never silent.
+    """
+    if path is None and SHIPPED_HEAD.exists() and pair.base_id == SHIPPED_BASE:
+        path = SHIPPED_HEAD
+    if path is not None:
+        return DeferralHead.load(path, pair.base, pair.base_id)
+    warnings.warn("no trained deferral head for this base model; p_defer is 0.5 everywhere, so the colm policy "
+                  "never defers. Train one with `python -m colm train`.", UntrainedHeadWarning, stacklevel=2)
+    return untrained_head(pair.base, pair.base_id)
+
+
+class UntrainedHeadWarning(UserWarning):
+    pass

@@ -315,6 +315,75 @@ def recall_at(d: torch.Tensor, z: torch.Tensor, frac: float) -> dict:
     return {f"recall_at_{int(frac * 100)}pct": float(z[top].sum() / z.sum().clamp_min(1))}
 
 
+# ----------------------------------------------------------------------------------------------- joint training
+def _token_logprobs(model, hidden: torch.Tensor, gold: torch.Tensor, n_vocab: int, chunk: int = 1024):
+    """Like ``_gold_stats`` but differentiable: log P(gold) [N] from hidden [N, H]."""
+    out = []
+    for s in range(0, hidden.shape[0], chunk):
+        logits = model.lm_head(hidden[s:s + chunk])[:, :n_vocab].float()
+        out.append(logits.gather(1, gold[s:s + chunk, None]).squeeze(1) - logits.logsumexp(-1))
+    return torch.cat(out)
+
+
+def joint_train(pair, head: DeferralHead, seqs: list, mode: str = "lora", steps: int = 200, lr: float = 1e-4,
+                head_lr: float = 1e-2, batch_size: int = 4, rank: int = 8, seed: int = 0, log=None):
+    """Train the head together with the base (paper, Sec. 3.2): LoRA adapters (``mode='lora'``, via peft) or every
+    base weight (``'full'``), on the marginal likelihood; the expert stays frozen.  Meant for a GPU.
+
+    Returns (base model with LoRA merged in, head, per-step losses).
+    """
+    torch.manual_seed(seed)
+    dev, n_vocab = pair.device, len(pair.tokenizer)
+    base = pair.base
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+        base = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        backbone, lm = base.get_base_model().model, base.get_base_model()
+    elif mode == "full":
+        base.requires_grad_(True)
+        backbone, lm = base.model, base
+    else:
+        raise ColmError(f"unknown joint mode {mode!r}; use lora or full")
+    base.train()
+    head.to(dev).train()
+    opt = torch.optim.AdamW([{"params": [p for p in base.parameters() if p.requires_grad], "lr": lr},
+                             {"params": head.parameters(), "lr": head_lr}])
+    losses = []
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        batch = [seqs[int(i)] for i in torch.randint(len(seqs), (min(batch_size, len(seqs)),), generator=g)]
+        rows = [p + t for _, p, t in batch]
+        T = max(map(len, rows))
+        ids = torch.full((len(rows), T), pair.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+        r_idx, c_idx = zip(*[(i, len(p) + k - 1) for i, (_, p, t) in enumerate(batch) for k in range(len(t))])
+        r_idx, c_idx = torch.tensor(r_idx, device=dev), torch.tensor(c_idx, device=dev)
+        ids, mask = ids.to(dev), mask.to(dev)
+        gold = ids[r_idx, c_idx + 1]
+        with torch.no_grad():
+            he = pair.expert.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[r_idx, c_idx]
+            lp_e = _token_logprobs(pair.expert, he, gold, n_vocab)
+        hb = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[r_idx, c_idx]
+        lp_b = _token_logprobs(lm, hb, gold, n_vocab)
+        loss = marginal_nll(head(hb), lp_b, lp_e)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if log:
+            log(step, losses[-1])
+    base.eval()
+    head.eval()
+    merged = base.merge_and_unload() if mode == "lora" else base
+    merged.requires_grad_(False)
+    head.requires_grad_(False)
+    head.meta.update({"trained": True, "objective": f"marginal+joint-{mode}"})
+    return merged, head, losses
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 def add_arguments(p) -> None:
     p.add_argument("--data", default=None, help="GSM8K-format JSONL (default: ../shared/data/gsm8k/train.jsonl)")
@@ -329,6 +398,11 @@ def add_arguments(p) -> None:
     p.add_argument("--init", default="weak", choices=["weak", "none"])
     p.add_argument("--threshold", type=float, default=0.5, help="threshold stored until `colm evaluate` picks one")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--joint", default="none", choices=["none", "lora", "full"],
+                   help="also fine-tune the base with the head on the marginal likelihood (GPU; paper Sec. 3.2)")
+    p.add_argument("--joint-steps", type=int, default=500)
+    p.add_argument("--joint-lr", type=float, default=1e-4)
+    p.add_argument("--out-base", default=None, help="with --joint: directory for the fine-tuned base model")
 
 
 def main(args) -> int:
@@ -362,6 +436,15 @@ def main(args) -> int:
                      "rollouts": Path(args.rollouts).name if rollouts else None},
             "name": Path(args.out).name}
     head, metrics = fit(f, cfg, pair.base.config.hidden_size, meta)
+    if args.joint != "none":
+        if not args.out_base:
+            raise ColmError("--joint needs --out-base DIR for the fine-tuned base model")
+        log = lambda step, loss: step % 50 == 0 and print(f"joint step {step}: marginal NLL {loss:.4f}", file=sys.stderr)
+        base, head, losses = joint_train(pair, head, seqs, args.joint, args.joint_steps, args.joint_lr, log=log)
+        base.save_pretrained(args.out_base)
+        pair.tokenizer.save_pretrained(args.out_base)
+        head.meta["base_model"] = str(args.out_base)
+        metrics["joint_final_loss"] = sum(losses[-20:]) / len(losses[-20:])
     head.save(args.out)
     report = {k: v for k, v in metrics.items() if k != "history"}
     print(json.dumps(report, indent=1))

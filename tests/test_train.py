@@ -142,3 +142,20 @@ def test_summarize_deferral_is_mean_of_per_example_fractions():
             1: {"ids": [1] * 10, "correct": False, "deferral": 0.1, "expert_calls": 1, "batch_seconds": 1.0, "batch_tokens": 20}}
     s = summarize(recs)
     assert s["accuracy"] == 0.5 and s["deferral"] == pytest.approx(0.3) and s["tokens_per_second"] == 20.0
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_joint_training_lowers_the_marginal_nll(tok, mode):
+    pytest.importorskip("peft")
+    from conftest import make_model
+    from colm.head import DeferralHead
+    from colm.train import joint_train
+    base, expert = make_model(tok, 10), make_model(tok, 11)
+    pair = Pair(base, expert, tok, "b", "e")
+    seqs = [(i, tok("question %d" % i)["input_ids"], tok(" the answer is %d" % (i * 7))["input_ids"]) for i in range(8)]
+    head = DeferralHead(base.config.hidden_size)
+    before = [p.detach().clone() for p in base.parameters()]
+    _, head, losses = joint_train(pair, head, seqs, mode=mode, steps=30, lr=3e-3, batch_size=8)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert head.trained and head.meta["objective"] == f"marginal+joint-{mode}"
+    assert any(not torch.equal(a, b) for a, b in zip(before, pair.base.parameters())), "base weights must change"
