@@ -1,8 +1,13 @@
 """Tiny random Qwen2 models that share a small byte-level BPE tokenizer with a ChatML template."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# COLM_TEST_DEVICE=cuda runs the decoder tests on a GPU (bench/gpu_check.sh); CI and the default use the CPU.
+DEVICE = os.environ.get("COLM_TEST_DEVICE", "cpu")
 
 CORPUS = [
     "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?",
@@ -53,7 +58,8 @@ def tok():
 @pytest.fixture(scope="session")
 def pair(tok):
     from colm.models import Pair
-    return Pair(make_model(tok, 0), make_model(tok, 1, hidden=48, layers=3, pad_vocab=8), tok, "tiny-base", "tiny-expert")
+    return Pair(make_model(tok, 0).to(DEVICE), make_model(tok, 1, hidden=48, layers=3, pad_vocab=8).to(DEVICE), tok,
+                "tiny-base", "tiny-expert")
 
 
 @pytest.fixture()
@@ -76,6 +82,7 @@ def pair_dirs(tmp_path_factory, pair, tok):
     """The tiny pair saved as local model directories (save_pretrained layout)."""
     root = tmp_path_factory.mktemp("models")
     for name, m in (("base", pair.base), ("expert", pair.expert)):
-        m.save_pretrained(root / name)
+        m.to("cpu").save_pretrained(root / name)
+        m.to(DEVICE)
         tok.save_pretrained(root / name)
     return root

@@ -13,7 +13,8 @@ PROMPTS = ["What is a^3 * a^2 if a = 5?", "Natalia sold 48 clips", "def add(a, b
 def hf_greedy(model, ids, n, n_vocab):
     """transformers' own greedy decode, restricted (as Co-LLM is) to the tokenizer's vocabulary."""
     padded = list(range(n_vocab, model.config.vocab_size))
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    out = model.generate(torch.tensor([ids], device=model.device),
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
                          max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
                          suppress_tokens=padded or None)
     return out[0, len(ids):].tolist()
