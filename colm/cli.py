@@ -1,4 +1,4 @@
-"""Command line: ``python -m colm generate | train | evaluate``.  Each subcommand is one small function whose
+"""Command line: ``python -m colm generate | rollouts | train | evaluate``.  Each subcommand is one small function whose
 docstring is its help; user errors print one line to stderr and exit 2."""
 from __future__ import annotations
 
@@ -79,6 +79,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_rollouts(args) -> int:
+    """Greedy answers of one model to GSM8K problems, appended to a JSONL file (resumable: reruns skip what is done)."""
+    from .data import DEFAULT_DATA, read_jsonl, split
+    from .decode import CoLLM
+    from .rollouts import rollout
+    train, dev = split(read_jsonl(Path(args.data) if args.data else DEFAULT_DATA), args.dev_size)
+    examples = (train if args.split == "train" else dev)[:args.limit]
+    pair, _ = _load(args, need_head=False)
+    model = pair.expert if args.model == "expert" else pair.base
+    done = rollout(model, pair.tokenizer, examples, args.out, args.batch_size, args.max_new_tokens, CoLLM(pair).encode)
+    ok = sum(done[e.index]["correct"] for e in examples)
+    print(f"{len(examples)} answers in {args.out}; {ok / len(examples):.1%} correct")
+    return 0
+
+
 def cmd_train(args) -> int:
     """Train a deferral head on GSM8K-format data (teacher-forced features, then the chosen objective)."""
     from .train import main as train_main
@@ -108,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of marked text")
     _common_model_args(g)
     g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("rollouts", help=cmd_rollouts.__doc__, description=cmd_rollouts.__doc__)
+    r.add_argument("--model", default="expert", choices=["expert", "base"])
+    r.add_argument("--split", default="train", choices=["train", "dev"])
+    r.add_argument("--data", default=None, help="GSM8K-format JSONL (default: ../shared/data/gsm8k/train.jsonl)")
+    r.add_argument("--dev-size", type=int, default=300)
+    r.add_argument("--limit", type=int, default=2000)
+    r.add_argument("--out", required=True)
+    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--max-new-tokens", type=int, default=256)
+    _common_model_args(r)
+    r.set_defaults(func=cmd_rollouts)
 
     from .train import add_arguments as train_args
     t = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)

@@ -240,12 +240,13 @@ class CoLLM:
         """
         tok = self.pair.tokenizer
         if isinstance(prompt, str):
+            prompt = clean_text(prompt)
             if not prompt.strip():
                 raise ColmError("the prompt is empty")
             use_chat = chat if chat is not None else bool(getattr(tok, "chat_template", None))
             messages = [{"role": "user", "content": prompt}] if use_chat else None
         else:
-            messages = list(prompt)
+            messages = [{**m, "content": clean_text(str(m.get("content", "")))} for m in prompt]
             if not messages or not any(str(m.get("content", "")).strip() for m in messages):
                 raise ColmError("the prompt is empty")
         if messages is None:
@@ -256,6 +257,13 @@ class CoLLM:
         if len(ids) > self.max_prompt_tokens:
             raise ColmError(f"the prompt is {len(ids)} tokens; the limit is {self.max_prompt_tokens}")
         return ids
+
+    def check_room(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Refuse a request that would run past either model's context window."""
+        ctx = min(getattr(m.config, "max_position_embeddings", 1 << 30) for m in (self.pair.base, self.pair.expert))
+        if prompt_len + max_new_tokens > ctx:
+            raise ColmError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the models' "
+                            f"context of {ctx} tokens")
 
     # -- core ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -365,6 +373,7 @@ class CoLLM:
         policy = policy or self.default_policy()
         max_new_tokens = _check_max_new(max_new_tokens)
         ids = self.encode(prompt, chat)
+        self.check_room(len(ids), max_new_tokens)
         tr = self._new_trace(prompt, ids, policy)
         t0 = time.perf_counter()
         st = self.prefill([ids])
@@ -392,6 +401,7 @@ class CoLLM:
         """Decode B prompts in lockstep (left padding; one expert catch-up serves every row)."""
         max_new_tokens = _check_max_new(max_new_tokens)
         rows = [self.encode(p, chat) for p in prompts]
+        self.check_room(max(map(len, rows)), max_new_tokens)
         traces = [self._new_trace(p, r, policy) for p, r in zip(prompts, rows)]
         t0 = time.perf_counter()
         st = self.prefill(rows)
@@ -455,6 +465,12 @@ class CoLLM:
         for tr in self.redecode_stream(trace, Policy("colm", threshold=threshold), max_new_tokens):
             pass
         return tr
+
+
+def clean_text(text: str) -> str:
+    """Make any Python str encodable: lone UTF-16 surrogates (which JSON clients can send) become U+FFFD;
+    everything else, control characters included, is kept and tokenised as text."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _check_max_new(n) -> int:

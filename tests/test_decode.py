@@ -229,3 +229,25 @@ def test_trace_json_roundtrip(decoder):
     d = json.loads(json.dumps(tr.to_dict()))
     assert d["text"] == tr.text and len(d["steps"]) == 6 and d["head"] == "random-test-head"
     assert {"position", "token_id", "text", "source", "p_defer", "base_topk", "expert_topk"} <= set(d["steps"][0])
+
+
+@pytest.mark.parametrize("prompt", ["lone \ud800 surrogate", "pair \ud83d\ude00 ok", "\udfff"])
+def test_lone_surrogates_do_not_crash(decoder, prompt):
+    tr = decoder.generate(prompt, threshold=0.5, max_new_tokens=3)
+    assert len(tr.steps) == 3
+    tr = decoder.generate([{"role": "user", "content": prompt}], threshold=0.5, max_new_tokens=3)
+    assert len(tr.steps) == 3
+
+
+def test_hundred_thousand_characters_refused_cleanly(decoder):
+    with pytest.raises(ColmError, match="limit"):
+        decoder.generate("x" * 100_000, threshold=0.5, max_new_tokens=4)
+
+
+def test_request_past_the_context_window_refused(pair, head):
+    dec = CoLLM(pair, head, max_prompt_tokens=10_000)
+    ctx = pair.base.config.max_position_embeddings
+    with pytest.raises(ColmError, match="context"):
+        dec.generate("hello", threshold=0.5, max_new_tokens=ctx)
+    with pytest.raises(ColmError, match="context"):
+        dec.generate_batch(["hello"], Policy("base"), max_new_tokens=ctx)
