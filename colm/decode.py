@@ -203,10 +203,17 @@ class _Detok:
             return new[len(prev):]
         return ""
 
-    def crop(self, n: int) -> None:
-        """Forget everything from token n on (re-decode); re-anchors at n so later texts stay consistent."""
-        self.ids = self.ids[:n]
-        self.prefix = self.read = n
+    @classmethod
+    def resume(cls, tokenizer, steps) -> "_Detok":
+        """The state a fresh pass over ``steps`` leaves (re-decode).  Anchors move only at steps that emitted
+        text, so the bytes of a character still incomplete at the branch point come out with the token that
+        completes it, exactly as in a full decode."""
+        d = cls(tokenizer)
+        d.ids = [s.token_id for s in steps]
+        emitted = [i + 1 for i, s in enumerate(steps) if s.text]
+        d.read = emitted[-1] if emitted else 0
+        d.prefix = emitted[-2] if len(emitted) > 1 else 0
+        return d
 
 
 # ----------------------------------------------------------------------------------------------- decoder
@@ -447,9 +454,7 @@ class CoLLM:
         tr.reused_steps = t
         tr.state = st
         trace.state = None
-        detok = _Detok(self.pair.tokenizer)
-        detok.ids = list(tr.token_ids)
-        detok.crop(t)
+        detok = _Detok.resume(self.pair.tokenizer, tr.steps)
         tr.prefill_seconds = time.perf_counter() - t0
         if t >= max_new_tokens or (t and tr.steps[-1].token_id in self.eos_ids):
             tr.stop_reason = "eos" if t and tr.steps[-1].token_id in self.eos_ids else "length"
