@@ -104,12 +104,14 @@ def highlighted(trace, flips: list[int] | None = None) -> list[tuple[str, str | 
 
 
 # ----------------------------------------------------------------------------------------------- figures
-def _style(fig: go.Figure, **layout) -> go.Figure:
+def _style(fig: go.Figure, legend_rows: int = 1, **layout) -> go.Figure:
     axis = dict(color=INK, gridcolor=GRID, zerolinecolor=GRID, linecolor=GRID)
     fig.update_layout(
         template="none", paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)",
-        font=dict(color=INK, size=13), margin=dict(l=60, r=70, t=40, b=50),
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
+        font=dict(color=INK, size=13), margin=dict(l=60, r=70, t=36, b=legend_rows * 22 + 60),
+        # At the bottom of the figure: above the plot, Gradio's label (top-left) and Plotly's modebar (top-right)
+        # would cover it.
+        legend=dict(orientation="h", yref="container", yanchor="bottom", y=0.01, xanchor="center", x=0.5),
         hoverlabel=dict(bgcolor="white", font=dict(color="black", family="monospace"), align="left"),
         **layout)
     fig.update_xaxes(**axis)
@@ -152,7 +154,7 @@ def deferral_figure(trace, threshold: float, flips: list[int] | None = None) -> 
                   annotation=dict(text=f"η = {threshold:.2f}", font=dict(color=INK)),
                   annotation_position="right")
     n = len(trace.steps)
-    return _style(fig, height=320, bargap=0.15, showlegend=True, uirevision="deferral",
+    return _style(fig, height=340, bargap=0.15, showlegend=True, uirevision="deferral",
                   xaxis=dict(title="generated token position", range=[-0.5, max(n, 8) - 0.5]),
                   yaxis=dict(title="p_defer", range=[0, 1.05]))
 
@@ -185,7 +187,7 @@ def curve_figure(results: dict) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=[chosen["deferral"]], y=[chosen["accuracy"]], mode="markers", name=f"chosen η = {chosen['threshold']:.2f}",
             marker=dict(symbol="star", size=18, color=FLIP_COLOR, line=dict(color=INK, width=1)), hoverinfo="name"))
-    return _style(fig, height=420, xaxis=dict(title="deferral frequency (share of tokens from the expert)",
+    return _style(fig, legend_rows=3, height=460, xaxis=dict(title="deferral frequency (share of tokens from the expert)",
                                               tickformat=".0%", range=[-0.02, 1.02]),
                   yaxis=dict(title="accuracy", tickformat=".0%"))
 

@@ -17,6 +17,8 @@ from colm import viz
 from colm.decode import CoLLM, Policy
 from colm.head import DeferralHead
 
+# gradio's queue trips pandas 3 deprecations on every event; they are not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
 PROMPT = "What is a^3 * a^2 if a = 5?"
 OTHER = "def add(a, b):"
 N = 24
@@ -103,13 +105,6 @@ def test_unusual_characters_do_not_crash(url):
     assert doc["prompt"].startswith("a\x00b\x07") and "🤖" in doc["prompt"]
 
 
-def test_clean_prompt_replaces_lone_surrogates(dec):
-    # A browser's JSON can carry a lone surrogate (gradio_client cannot send one); the tokenizer cannot take it.
-    cleaned = app.clean_prompt("ok \ud800 é")
-    assert cleaned == "ok ? é"
-    assert dec.generate(cleaned, threshold=0.5, max_new_tokens=2).steps
-
-
 def test_colm_error_is_shown(url, dec, monkeypatch):
     monkeypatch.setattr(dec, "max_prompt_tokens", 3)
     _, _, _, note, _ = generate(client(url))
@@ -154,6 +149,16 @@ def test_redecode_equals_fresh_generate(url, dec, api):
     # Keyboard path and pointer path land on the same answer, and a second re-decode still works.
     again, *_ = c.predict(0.5, N, api_name=api)
     assert as_pairs(again) == viz.highlighted(dec.generate(PROMPT, threshold=0.5, max_new_tokens=N))
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, app.load_examples()[3][1]])
+def test_redecoded_text_equals_fresh_text(dec, prompt):
+    # Tokens the tiny models emit are often byte pieces of one character; a re-decode that branches between
+    # them must still show each step's text as a fresh decode does (the page shows step texts, not ids).
+    for thr in [i / 10 for i in range(11)]:
+        old = dec.generate(prompt, threshold=0.5, max_new_tokens=N)
+        re, fresh = dec.redecode(old, thr, N), dec.generate(prompt, threshold=thr, max_new_tokens=N)
+        assert [(s.token_id, s.text) for s in re.steps] == [(s.token_id, s.text) for s in fresh.steps]
 
 
 def test_redecode_needs_a_colm_trace(url):

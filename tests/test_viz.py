@@ -1,6 +1,5 @@
 """colm.viz without Gradio: hand-built traces in, figures and records out."""
 import json
-import math
 import sys
 
 import plotly.graph_objects as go
