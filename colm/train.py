@@ -116,20 +116,21 @@ def extract(pair, seqs: list, out_dir: str | Path, identity: dict, batch_size: i
     """Compute features for ``seqs`` into ``out_dir``/shard-NNNNN.safetensors and return them concatenated.
 
     Shards are written to a temporary name and renamed when complete, so an interrupted run resumes from the
-    last whole shard and never reads half-written data.  A manifest pins the models and data: a directory made
-    for something else is refused instead of silently mixed in.
+    last whole shard and never reads half-written data.  The manifest pins the models and records a hash of each
+    shard's sequences: a shard is reused only for exactly the same data (so a larger ``--limit`` extends a cache),
+    and a directory made for other models is refused instead of silently mixed in.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ident = {**identity, "with_expert": with_expert, "shard_examples": shard_examples,
-             "data": hashlib.sha256(json.dumps([(i, p, t) for i, p, t in seqs]).encode()).hexdigest()}
-    manifest = out_dir / "manifest.json"
-    if manifest.exists():
-        if json.loads(manifest.read_text()) != ident:
-            raise ColmError(f"{out_dir} holds features for other models or data; pass a new --features directory "
-                            "or delete it")
-    else:
-        manifest.write_text(json.dumps(ident, indent=1))
+    ident = {**identity, "with_expert": with_expert, "shard_examples": shard_examples}
+    manifest_path = out_dir / "manifest.json"
+    manifest = {"identity": ident, "shards": {}}
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if old.get("identity") != ident:
+            raise ColmError(f"{out_dir} holds features for other models or settings; pass a new --features "
+                            "directory or delete it")
+        manifest["shards"] = old.get("shards", {})
     for stale in out_dir.glob("*.tmp"):
         stale.unlink()
     n_shards = math.ceil(len(seqs) / shard_examples)
@@ -137,10 +138,12 @@ def extract(pair, seqs: list, out_dir: str | Path, identity: dict, batch_size: i
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(seqs), desc="features", file=sys.stderr)
+    paths = []
     for s in range(n_shards):
         path = out_dir / f"shard-{s:05d}.safetensors"
         chunk = seqs[s * shard_examples:(s + 1) * shard_examples]
-        if not path.exists():
+        digest = hashlib.sha256(json.dumps(chunk).encode()).hexdigest()
+        if not (path.exists() and manifest["shards"].get(path.name) == digest):
             # Length-sorted batches waste less padding.
             order = sorted(range(len(chunk)), key=lambda i: len(chunk[i][1]) + len(chunk[i][2]))
             parts = [features_for_batch(pair, [chunk[i] for i in order[b:b + batch_size]], with_expert)
@@ -149,17 +152,21 @@ def extract(pair, seqs: list, out_dir: str | Path, identity: dict, batch_size: i
             tmp = path.with_name(path.name + ".tmp")
             save_file(tensors, str(tmp))
             os.replace(tmp, path)
+            manifest["shards"][path.name] = digest
+            tmp_manifest = manifest_path.with_name("manifest.json.tmp")
+            tmp_manifest.write_text(json.dumps(manifest, indent=1))
+            os.replace(tmp_manifest, manifest_path)
+        paths.append(path)
         if bar:
             bar.update(len(chunk))
     if bar:
         bar.close()
-    return load_features(out_dir, n_shards)
+    return load_features(paths)
 
 
-def load_features(out_dir: Path, n_shards: int | None = None) -> dict:
-    paths = sorted(Path(out_dir).glob("shard-*.safetensors"))[:n_shards]
+def load_features(paths: list[Path]) -> dict:
     if not paths:
-        raise ColmError(f"no feature shards in {out_dir}")
+        raise ColmError("no feature shards")
     parts = [load_file(str(p)) for p in paths]
     return {k: torch.cat([p[k] for p in parts]) for k in FEATURE_KEYS}
 
@@ -427,7 +434,7 @@ def main(args) -> int:
     if not seqs:
         raise ColmError("no training sequences (are the rollouts for this data file?)")
     with_expert = args.objective != "disagreement"
-    feat_dir = Path(args.features or f"runs/features-{'rollouts' if rollouts else 'gold'}-{len(seqs)}")
+    feat_dir = Path(args.features or f"runs/features-{'rollouts' if rollouts else 'gold'}")
     ident = {"base": pair.base_id, "expert": pair.expert_id if with_expert else None, "data": str(data_path)}
     f = extract(pair, seqs, feat_dir, ident, batch_size=args.batch_size, with_expert=with_expert)
     cfg = TrainConfig(objective=args.objective, init=args.init, seed=args.seed)

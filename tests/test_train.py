@@ -110,8 +110,14 @@ def test_feature_cache_resumes_and_refuses_other_data(bigram, tmp_path):
     assert not list(d.glob("*.tmp"))
     for k in a:
         assert torch.equal(a[k], b[k])
-    with pytest.raises(ColmError, match="other models or data"):
-        extract(pair, seqs[:5], d, {"base": "b"}, shard_examples=16, progress=False)
+    # A smaller --limit reuses the matching prefix shards; changed data in a shard is recomputed, not reused.
+    c = extract(pair, seqs[:20], d, {"base": "b"}, shard_examples=16, progress=False)
+    assert len(c["target"]) == sum(len(t) for _, _, t in seqs[:20])
+    changed = [(i, p, t[:-1]) for i, p, t in seqs[:16]]
+    e = extract(pair, changed, d, {"base": "b"}, shard_examples=16, progress=False)
+    assert len(e["target"]) == sum(len(t) for _, _, t in changed)
+    with pytest.raises(ColmError, match="other models"):
+        extract(pair, seqs, d, {"base": "another-model"}, shard_examples=16, progress=False)
 
 
 def test_marginal_nll_limits():
