@@ -93,6 +93,27 @@ def teacher_forced_scores(dec: CoLLM, examples: list[Example], answers: dict[int
     return torch.cat(ps), torch.cat(lps).exp()
 
 
+@torch.inference_mode()
+def disagreement_proxy(dec: CoLLM, examples: list[Example], expert_answers: dict[int, dict],
+                       fractions=(0.1, 0.2, 0.3), batch_size: int = 8) -> dict:
+    """Cheap check of a head without free generation: along the expert's greedy answers, how well does p_defer
+    rank the positions where the base would have said something else?  Deferring at exactly those positions
+    reproduces the expert's answer, so high recall at a low deferral fraction predicts expert-level accuracy."""
+    from .train import auc, features_for_batch, sequences
+    seqs = sequences(examples, dec.encode, dec.pair.tokenizer, expert_answers)
+    ps, zs = [], []
+    for s in range(0, len(seqs), batch_size):
+        f = features_for_batch(dec.pair, seqs[s:s + batch_size], with_expert=False)
+        ps.append(dec.head.p_defer(f["h"].float()).cpu())
+        zs.append((f["arg_base"] != f["target"]).float())
+    p, z = torch.cat(ps), torch.cat(zs)
+    out = {"tokens": int(len(p)), "disagreement_rate": float(z.mean()), "auc": auc(p, z)}
+    for frac in fractions:
+        k = max(1, int(len(p) * frac))
+        out[f"recall_at_{round(frac * 100)}pct"] = float(z[p.topk(k).indices].sum() / z.sum().clamp_min(1))
+    return out
+
+
 def choose(points: list[dict]) -> dict:
     """Best accuracy; ties go to the lower deferral frequency (cheaper)."""
     return max(points, key=lambda r: (r["accuracy"], -r["deferral"]))
@@ -114,6 +135,7 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
         expert = rollout(pair.expert, pair.tokenizer, examples, runs / "expert.jsonl", batch_size, max_new_tokens,
                          dec.encode)
         results["expert"] = summarize(expert, "expert")
+        results["proxy"] = disagreement_proxy(dec, sweep_examples, expert)
     # Thresholds from the head's scores along the base's own answers: what the decoder sees before it defers.
     p, top = teacher_forced_scores(dec, sweep_examples, base)
     if thresholds is None:

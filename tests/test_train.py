@@ -165,3 +165,20 @@ def test_joint_training_lowers_the_marginal_nll(tok, mode):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     assert head.trained and head.meta["objective"] == f"marginal+joint-{mode}"
     assert any(not torch.equal(a, b) for a, b in zip(before, pair.base.parameters())), "base weights must change"
+
+
+def test_disagreement_proxy_scores_a_learned_head(bigram, tmp_path):
+    from colm.data import Example, messages
+    from colm.evaluate import disagreement_proxy
+    pair, seqs, hard = bigram
+    f = extract(pair, seqs, tmp_path / "feats", {"base": "b"}, progress=False)
+    head, _ = fit(f, TrainConfig(objective="gold-disagreement", max_epochs=40, lr=5e-2), pair.base.config.hidden_size)
+    dec = CoLLM(pair, head)
+    examples = [Example(i, pair.tokenizer.decode([SPECIALS + 11 * i]), "", "0") for i in range(6)]
+    answers = {e.index: {"ids": dec.generate(messages(e.question), policy=Policy("expert"), max_new_tokens=24).token_ids}
+               for e in examples}
+    good = disagreement_proxy(dec, examples, answers)
+    assert good["auc"] > 0.95 and good["recall_at_30pct"] > 0.9
+    torch.nn.init.normal_(head.linear.weight)  # a head that learned nothing scores near chance
+    bad = disagreement_proxy(CoLLM(pair, head), examples, answers)
+    assert bad["auc"] < 0.8
