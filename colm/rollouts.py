@@ -40,6 +40,7 @@ def read_done(path: Path) -> dict[int, dict]:
 def rollout(model, tokenizer, examples: list[Example], out: str | Path, batch_size: int = 16,
             max_new_tokens: int = 256, encode=None, progress: bool = True) -> dict[int, dict]:
     """Greedy-decode every example not yet in ``out``; append {index, ids, text, correct} per answer.
+    Returns the records of ``examples`` only (the file may hold more, e.g. from a larger earlier run).
 
     ``encode(messages) -> ids`` must be the same prompt encoding the decoder uses (``CoLLM.encode``).
     """
@@ -83,4 +84,4 @@ def rollout(model, tokenizer, examples: list[Example], out: str | Path, batch_si
             bar.update(len(chunk))
     if bar:
         bar.close()
-    return done
+    return {e.index: done[e.index] for e in examples}

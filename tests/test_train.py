@@ -182,3 +182,27 @@ def test_disagreement_proxy_scores_a_learned_head(bigram, tmp_path):
     torch.nn.init.normal_(head.linear.weight)  # a head that learned nothing scores near chance
     bad = disagreement_proxy(CoLLM(pair, head), examples, answers)
     assert bad["auc"] < 0.8
+
+
+def test_rollouts_resume_and_return_only_requested(pair, tmp_path):
+    import json as _json
+    from colm.data import Example
+    from colm.rollouts import read_done, rollout
+    dec = CoLLM(pair)
+    ex = [Example(i, f"question number {i}", "", "0") for i in range(5)]
+    out = tmp_path / "r.jsonl"
+    first = rollout(pair.base, pair.tokenizer, ex[:3], out, batch_size=2, max_new_tokens=6, encode=dec.encode,
+                    progress=False)
+    assert sorted(first) == [0, 1, 2]
+    with open(out, "a") as f:
+        f.write('{"index": 3, "ids": [1, 2')  # a line torn by a kill
+    again = rollout(pair.base, pair.tokenizer, ex, out, batch_size=2, max_new_tokens=6, encode=dec.encode,
+                    progress=False)
+    assert sorted(again) == [0, 1, 2, 3, 4] and again[0] == first[0]
+    assert sorted(read_done(out)) == [0, 1, 2, 3, 4]
+    assert all(_json.loads(line) for line in out.read_text().splitlines())
+    assert sorted(rollout(pair.base, pair.tokenizer, ex[:2], out, encode=dec.encode, progress=False)) == [0, 1]
+    # Same tokens as the Co-LLM loop under the pure base policy.
+    tr = dec.generate([{"role": "user", "content": ex[4].question + "\n\n" + __import__("colm").data.INSTRUCTION}],
+                      policy=Policy("base"), max_new_tokens=6)
+    assert again[4]["ids"] == tr.token_ids[:len(again[4]["ids"])]
