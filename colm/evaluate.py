@@ -121,9 +121,11 @@ def choose(points: list[dict]) -> dict:
 
 def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS, sweep_examples=None,
              thresholds: list[float] | None = None, batch_size: int = 16, max_new_tokens: int = 256,
-             baselines: bool = True) -> dict:
+             baselines: bool = True, on_update=None) -> dict:
     """Sweep (or take) thresholds, pick the best on ``sweep_examples``, then evaluate it and the baselines on all
-    ``examples``: base-only, expert-only, random and confidence deferral at the chosen point's frequency."""
+    ``examples``: base-only, expert-only, random and confidence deferral at the chosen point's frequency.
+    ``on_update(results)`` is called after every stage, so a long run leaves partial results behind."""
+    on_update = on_update or (lambda r: None)
     runs = out / "runs"
     sweep_examples = sweep_examples or examples
     pair = dec.pair
@@ -136,6 +138,7 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
                          dec.encode)
         results["expert"] = summarize(expert, "expert")
         results["proxy"] = disagreement_proxy(dec, sweep_examples, expert)
+        on_update(results)
     # Thresholds from the head's scores along the base's own answers: what the decoder sees before it defers.
     p, top = teacher_forced_scores(dec, sweep_examples, base)
     if thresholds is None:
@@ -145,20 +148,24 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
         recs = run_policy(dec, sweep_examples, Policy("colm", threshold=thr), runs / f"colm-{thr:.6f}.jsonl",
                           batch_size, max_new_tokens)
         results["colm"].append({"threshold": thr, **summarize(recs)})
+        on_update(results)
     chosen = choose(results["colm"])
     final = run_policy(dec, examples, Policy("colm", threshold=chosen["threshold"]),
                        runs / f"colm-{chosen['threshold']:.6f}.jsonl", batch_size, max_new_tokens)
     results["chosen"] = {"threshold": chosen["threshold"], **summarize(final)}
+    on_update(results)
     if baselines:
         f = round(results["chosen"]["deferral"], 3)
         rnd = run_policy(dec, examples, Policy("random", rate=f, seed=0), runs / f"random-{f:.3f}.jsonl",
                          batch_size, max_new_tokens)
         results["random"].append({"rate": f, **summarize(rnd)})
+        on_update(results)
         # The confidence policy's cut-off giving the same share of tokens along the base's answers.
         min_prob = float(torch.quantile(top.double(), f)) if f > 0 else 0.0
         conf = run_policy(dec, examples, Policy("confidence", min_prob=min_prob), runs / f"confidence-{min_prob:.6f}.jsonl",
                           batch_size, max_new_tokens)
         results["confidence"] = [{"min_prob": min_prob, **summarize(conf)}]
+        on_update(results)
     return results
 
 
@@ -194,11 +201,17 @@ def main(args) -> int:
     fractions = [float(x) for x in args.fractions.split(",")]
     thresholds = [float(x) for x in args.thresholds.split(",")] if args.thresholds else None
     out = Path(args.out)
-    res = evaluate(dec, examples, out, fractions, sweep, thresholds, args.batch_size, args.max_new_tokens,
-                   not args.no_baselines)
-    res["split"] = args.split
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=1))
+
+    def save(res):
+        res["split"] = args.split
+        tmp = out / "results.json.tmp"
+        tmp.write_text(json.dumps(res, indent=1))
+        os.replace(tmp, out / "results.json")
+
+    res = evaluate(dec, examples, out, fractions, sweep, thresholds, args.batch_size, args.max_new_tokens,
+                   not args.no_baselines, on_update=save)
+    save(res)
     from .viz import curve_figure
     curve_figure(res).write_html(str(out / "curve.html"), include_plotlyjs=True)
     if args.write_threshold:

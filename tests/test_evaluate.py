@@ -1,0 +1,42 @@
+import json
+
+import torch
+
+from colm.cli import main
+from colm.head import DeferralHead
+
+
+def test_evaluate_end_to_end_on_tiny_pair(pair_dirs, tmp_path):
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Tom has {i} apples and buys {i + 1} more. How many?",
+                                        "answer": f"{i}+{i + 1} = <<{i}+{i + 1}={2 * i + 1}>>{2 * i + 1}\n#### {2 * i + 1}"}) + "\n"
+                            for i in range(6)))
+    head = DeferralHead(32, {"trained": True, "threshold": 0.5, "base_model": "tiny"})
+    torch.manual_seed(0)
+    torch.nn.init.normal_(head.linear.weight)
+    head.save(tmp_path / "h.safetensors")
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--data", str(data), "--split", "file", "--limit", "4", "--head", str(tmp_path / "h.safetensors"),
+               "--out", str(out), "--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"),
+               "--fractions", "0,0.3,0.6", "--max-new-tokens", "6", "--batch-size", "2", "--dtype", "fp32",
+               "--write-threshold"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["base"]["n"] == res["expert"]["n"] == res["chosen"]["n"] == 4
+    assert res["base"]["deferral"] == 0.0 and res["expert"]["deferral"] == 1.0
+    assert [p["threshold"] for p in res["colm"]][0] == 1.0 and len(res["colm"]) == 3
+    defs = [p["deferral"] for p in res["colm"]]
+    assert defs[0] == 0.0 and defs[-1] > 0.0
+    assert res["chosen"]["threshold"] in [p["threshold"] for p in res["colm"]]
+    assert res["random"][0]["rate"] == round(res["chosen"]["deferral"], 3) and res["confidence"]
+    assert {"auc", "recall_at_30pct", "disagreement_rate"} <= set(res["proxy"])
+    assert (out / "curve.html").stat().st_size > 10_000
+    stored = DeferralHead.load(tmp_path / "h.safetensors")
+    assert stored.threshold == res["chosen"]["threshold"] and stored.meta["metrics"]["dev"]["chosen"]
+    # Re-running reuses every decode (resumable JSONL runs): same results, no new lines.
+    lines = {p.name: p.read_text() for p in (out / "runs").iterdir()}
+    assert main(["evaluate", "--data", str(data), "--split", "file", "--limit", "4", "--head", str(tmp_path / "h.safetensors"),
+                 "--out", str(out), "--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"),
+                 "--thresholds", ",".join(str(p["threshold"]) for p in res["colm"]), "--max-new-tokens", "6",
+                 "--batch-size", "2", "--dtype", "fp32"]) == 0
+    assert {p.name: p.read_text() for p in (out / "runs").iterdir() if p.name in lines} == lines
