@@ -9,7 +9,11 @@ action.  Everything drawn comes from colm.viz; each browser session keeps its ow
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import math
+import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -93,6 +97,14 @@ def prompt_problem(prompt: str, limit: int) -> str | None:
     return None
 
 
+def max_new_tokens(value) -> int:
+    """The slider's value as a token count.  Gradio checks the slider's range but lets NaN and fractions through
+    the API; refuse those with a message rather than an opaque error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
+        raise ColmError(f"max new tokens must be a whole number, got {value!r}")
+    return int(value)
+
+
 def head_banner(decoder: CoLLM) -> str:
     head = decoder.head
     if head is not None and head.trained:
@@ -109,9 +121,19 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
     examples = load_examples() if examples is None else examples
     thr0 = decoder.head.threshold if decoder.head is not None else 0.5
     export_dir = Path(tempfile.mkdtemp(prefix="colm-app-"))
+    atexit.register(shutil.rmtree, export_dir, ignore_errors=True)
     banner = "\n\n".join(b for b in (banner, head_banner(decoder)) if b)
 
     def export(trace, settings: dict) -> str:
+        """Write the trace for the download button.  Gradio serves its own copy, so exports older than a session's
+        lifetime are deleted here: a long-running demo does not fill the disk."""
+        cutoff = time.time() - STATE_TTL_S
+        for old in export_dir.glob("colm-trace-*.json"):
+            try:
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+            except OSError:
+                pass
         path = export_dir / f"colm-trace-{uuid.uuid4().hex[:12]}.json"
         path.write_text(viz.trace_json(trace, settings), encoding="utf-8")
         return str(path)
@@ -142,11 +164,12 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
             yield refuse(problem)
             return
         stop = threading.Event()
-        settings = {"policy": policy_name, "threshold": threshold, "rate": rate, "min_prob": min_prob,
-                    "max_new_tokens": int(max_new)}
         try:
+            n = max_new_tokens(max_new)
+            settings = {"policy": policy_name, "threshold": threshold, "rate": rate, "min_prob": min_prob,
+                        "max_new_tokens": n}
             policy = Policy(policy_name, threshold=float(threshold), rate=float(rate), min_prob=float(min_prob))
-            yield from render(decoder.stream(prompt, policy, int(max_new), stop=stop), threshold, settings, stop)
+            yield from render(decoder.stream(prompt, policy, n, stop=stop), threshold, settings, stop)
         except ColmError as e:
             yield refuse(str(e))
 
@@ -158,9 +181,10 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
             yield refuse("Re-decoding at a new threshold applies to Co-LLM answers: choose Co-LLM and Generate.")
             return
         stop = threading.Event()
-        settings = {"policy": "colm", "threshold": threshold, "max_new_tokens": int(max_new), "redecoded": True}
         try:
-            stream = decoder.redecode_stream(trace, Policy("colm", threshold=float(threshold)), int(max_new), stop)
+            n = max_new_tokens(max_new)
+            settings = {"policy": "colm", "threshold": threshold, "max_new_tokens": n, "redecoded": True}
+            stream = decoder.redecode_stream(trace, Policy("colm", threshold=float(threshold)), n, stop)
             yield from render(stream, threshold, settings, stop)
         except ColmError as e:
             yield refuse(str(e))
@@ -169,6 +193,8 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
         """Slider moving: redraw the line and mark the decisions that would flip.  No model call."""
         if trace is None:
             return gr.skip(), gr.skip(), ""
+        if not 0.0 <= threshold <= 1.0:   # NaN passes Gradio's range check when sent through the API
+            return gr.skip(), gr.skip(), f"⚠️ threshold must be a number in [0, 1], got {threshold!r}"
         if trace.policy.get("name") != "colm":
             return (viz.highlighted(trace), viz.deferral_figure(trace, threshold),
                     "The threshold applies to the Co-LLM policy; this answer used another policy.")
@@ -191,8 +217,9 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
         stop = threading.Event()
         views = [gr.skip()] * 6
         try:
+            n = max_new_tokens(max_new)
             for i, policy in enumerate([Policy("base"), Policy("expert"), Policy("colm", threshold=float(threshold))]):
-                for trace in decoder.stream(prompt, policy, int(max_new), stop=stop):
+                for trace in decoder.stream(prompt, policy, n, stop=stop):
                     views[2 * i:2 * i + 2] = viz.highlighted(trace), viz.summary_line(trace)
                     yield (stop, *views, "")
                 trace.state = None  # side-by-side views are final: free their KV caches now
@@ -263,6 +290,7 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
         cmp_btn.click(compare, [prompt, threshold, max_new], [stop_state, *cmp_views, note], api_name="compare",
                       **model_call)
         policy.change(show_policy_sliders, [policy], [rate, min_prob], api_visibility="private", queue=False)
+    demo.colm_export_dir = export_dir
     return demo
 
 
@@ -314,8 +342,14 @@ def main(argv=None) -> int:
     except ColmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)   # `kill`, `docker stop`: close like Ctrl-C, clean up on exit
     serve(build_app(decoder, banner), server_name=args.host, server_port=args.port, share=args.share)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

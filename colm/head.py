@@ -63,8 +63,11 @@ class DeferralHead(torch.nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"colm": json.dumps(self.meta)})
-        tmp.replace(path)
+        try:
+            save_file(tensors, str(tmp), metadata={"colm": json.dumps(self.meta)})
+            tmp.replace(path)       # a failed or killed save leaves the previous head in place
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path, base_model=None, base_id: str | None = None) -> "DeferralHead":

