@@ -55,6 +55,9 @@ and maximising the likelihood of correct answers under the mixture of the two mo
 $$\mathcal{L} = -\sum_t \log\Big[(1-\sigma(d_t))\,P_{\text{base}}(x_t \mid x_{<t}) + \sigma(d_t)\,P_{\text{expert}}(x_t \mid x_{<t})\Big],\qquad d_t = w\cdot h_t$$
 
 so the head learns to defer exactly where the expert is much more likely to produce the right token.
+With the base frozen (as here, on a CPU) a simpler label worked better: the shipped head is a logistic
+regression on *disagreement* — positions where the base's top token differs from the expert's.  Deferring at
+exactly those positions reproduces the expert's answer.
 
 **Why it is cheap.**  The expert only runs when a token is deferred.  Tokens it has not seen yet wait in a queue
 and go through it in one forward pass at the next deferral, so expert forward passes = deferred tokens.

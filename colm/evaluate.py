@@ -17,7 +17,7 @@ import torch
 from .data import Example, is_correct, messages
 from .decode import CoLLM, Policy
 from .models import ColmError
-from .rollouts import read_done, rollout
+from .rollouts import append_records, read_done, rollout
 
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -47,15 +47,11 @@ def run_policy(dec: CoLLM, examples: list[Example], policy: Policy, path: Path, 
         t0 = time.perf_counter()
         traces = dec.generate_batch([messages(e.question) for e in chunk], policy, max_new_tokens)
         dt = time.perf_counter() - t0
-        with open(path, "a", encoding="utf-8") as f:
-            for e, tr in zip(chunk, traces):
-                rec = {"index": e.index, "ids": tr.token_ids, "text": tr.text, "correct": is_correct(tr.text, e.answer),
-                       "deferral": tr.deferral_rate, "expert_calls": tr.expert_calls, "batch_seconds": dt,
-                       "batch_tokens": sum(len(t.steps) for t in traces)}
-                done[e.index] = rec
-                f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        recs = [{"index": e.index, "ids": tr.token_ids, "text": tr.text, "correct": is_correct(tr.text, e.answer),
+                 "deferral": tr.deferral_rate, "expert_calls": tr.expert_calls, "batch_seconds": dt,
+                 "batch_tokens": sum(len(t.steps) for t in traces)} for e, tr in zip(chunk, traces)]
+        append_records(path, recs)
+        done.update((r["index"], r) for r in recs)
         if bar:
             bar.update(len(chunk))
     if bar:

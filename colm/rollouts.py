@@ -36,6 +36,15 @@ def read_done(path: Path) -> dict[int, dict]:
     return done
 
 
+def append_records(path: Path, records: list[dict]) -> None:
+    """Append whole JSON lines and fsync: a kill leaves at most one torn last line, which ``read_done`` drops."""
+    with open(path, "a", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 @torch.inference_mode()
 def rollout(model, tokenizer, examples: list[Example], out: str | Path, batch_size: int = 16,
             max_new_tokens: int = 256, encode=None, progress: bool = True) -> dict[int, dict]:
@@ -68,18 +77,15 @@ def rollout(model, tokenizer, examples: list[Example], out: str | Path, batch_si
             mask[i, P - len(r):] = 1
         gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad)
-        with open(out, "a", encoding="utf-8") as f:
-            for e, row in zip(chunk, gen[:, P:].tolist()):
-                eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-                          else [model.generation_config.eos_token_id])
-                cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-                row = row[:cut]
-                text = tokenizer.decode(row, skip_special_tokens=True)
-                rec = {"index": e.index, "ids": row, "text": text, "correct": is_correct(text, e.answer)}
-                done[e.index] = rec
-                f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        recs = []
+        for e, row in zip(chunk, gen[:, P:].tolist()):
+            row = row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))]
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            recs.append({"index": e.index, "ids": row, "text": text, "correct": is_correct(text, e.answer)})
+        append_records(out, recs)
+        done.update((r["index"], r) for r in recs)
         if bar:
             bar.update(len(chunk))
     if bar:

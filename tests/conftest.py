@@ -62,13 +62,25 @@ def pair(tok):
                 "tiny-base", "tiny-expert")
 
 
-@pytest.fixture()
-def head(pair):
+def make_test_head(hidden: int):
+    """A "trained" head with random weights: p_defer spreads over (0, 1), so decodes mix base and expert."""
     from colm.head import DeferralHead
     torch.manual_seed(3)
-    h = DeferralHead(pair.base.config.hidden_size, {"trained": True, "threshold": 0.5, "name": "random-test-head"})
+    h = DeferralHead(hidden, {"trained": True, "threshold": 0.5, "name": "random-test-head"})
     torch.nn.init.normal_(h.linear.weight, std=1.0)
     return h
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def head(pair):
+    return make_test_head(pair.base.config.hidden_size)
 
 
 @pytest.fixture()

@@ -1,13 +1,11 @@
 """The Gradio app on the tiny models, driven over HTTP with gradio_client (as a second program would)."""
 import json
 import os
-import socket
 import time
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest
-import torch
 
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
@@ -15,7 +13,7 @@ gradio_client = pytest.importorskip("gradio_client")
 import app
 from colm import viz
 from colm.decode import CoLLM, Policy
-from colm.head import DeferralHead
+from conftest import free_port, make_test_head
 
 # gradio's queue trips pandas 3 deprecations on every event; they are not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
@@ -24,18 +22,9 @@ OTHER = "def add(a, b):"
 N = 24
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dec(pair):
-    torch.manual_seed(3)  # the same head as conftest's ``head`` fixture, at module scope
-    h = DeferralHead(pair.base.config.hidden_size, {"trained": True, "threshold": 0.5, "name": "random-test-head"})
-    torch.nn.init.normal_(h.linear.weight, std=1.0)
-    return CoLLM(pair, h)
+    return CoLLM(pair, make_test_head(pair.base.config.hidden_size))  # conftest's head, at module scope
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,11 @@
 highlighted answer and the chart, move the threshold with keys and with the mouse, click an example."""
 import json
 import os
-import socket
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest
-import torch
 
 CHROMIUM = "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
@@ -18,7 +16,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 import app
 from colm import viz
 from colm.decode import CoLLM
-from colm.head import DeferralHead
+from conftest import free_port, make_test_head
 
 # gradio's queue trips pandas 3 deprecations on every event; they are not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
@@ -31,14 +29,9 @@ SUMMARY = "document.querySelector('#summary').innerText"
 
 @pytest.fixture(scope="module")
 def served(pair):
-    torch.manual_seed(3)  # conftest's test head, at module scope
-    h = DeferralHead(pair.base.config.hidden_size, {"trained": True, "threshold": 0.5, "name": "random-test-head"})
-    torch.nn.init.normal_(h.linear.weight, std=1.0)
-    dec = CoLLM(pair, h)
+    dec = CoLLM(pair, make_test_head(pair.base.config.hidden_size))  # conftest's head, at module scope
     demo = app.build_app(dec, default_max_new=N)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app.serve(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}", dec
     demo.close()

@@ -6,9 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from colm.head import DeferralHead
+from conftest import make_test_head
 
 pytest.importorskip("gradio_client")
 pytest.importorskip("psutil")
@@ -16,9 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_load_quick(pair_dirs, tmp_path):
-    torch.manual_seed(3)
-    head = DeferralHead(32, {"trained": True, "threshold": 0.5, "name": "random-test-head"})
-    torch.nn.init.normal_(head.linear.weight, std=1.0)
+    head = make_test_head(32)
     head.save(tmp_path / "head.safetensors")
     out = tmp_path / "load.json"
     r = subprocess.run([sys.executable, "bench/load.py", "--quick", "--base", str(pair_dirs / "base"),

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ from colm import cli, models
 from colm.decode import CoLLM, DecodeState, Policy
 from colm.head import DeferralHead
 from colm.models import ChunkedGGUF, ColmError, load_pair
+from conftest import free_port, make_test_head
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*",
                                         "ignore::colm.head.UntrainedHeadWarning")
@@ -117,18 +117,9 @@ def dump_outcomes():
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dec(pair):
-    torch.manual_seed(3)  # conftest's test head, at module scope
-    h = DeferralHead(pair.base.config.hidden_size, {"trained": True, "threshold": 0.5, "name": "random-test-head"})
-    torch.nn.init.normal_(h.linear.weight, std=1.0)
-    return CoLLM(pair, h)
+    return CoLLM(pair, make_test_head(pair.base.config.hidden_size))  # conftest's head, at module scope
 
 
 @pytest.fixture(scope="module")

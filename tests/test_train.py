@@ -1,6 +1,5 @@
 """Learning test on hand-built bigram models: the expert is right and the base wrong on one known class of
 tokens, so a head that learned anything must defer exactly there."""
-import json
 
 import pytest
 import torch
