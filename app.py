@@ -4,7 +4,9 @@
                   [--device auto] [--dtype auto] [--share]
 
 Thin on purpose: load the pair and head once, build the page around one CoLLM decoder, one callback per user
-action.  Everything drawn comes from colm.viz; each browser session keeps its own trace in gr.State.
+action.  Everything drawn comes from colm.viz; each browser session keeps its own trace in gr.State.  While the
+models load (the first cold start takes a minute or two) a small loading page on the same port shows progress,
+then reloads into the demo.
 """
 from __future__ import annotations
 
@@ -303,14 +305,76 @@ def serve(demo: gr.Blocks, **launch_kwargs):
     return demo.launch(css=CSS, **launch_kwargs)
 
 
+# ----------------------------------------------------------------------------------------------- loading page
+class LoadStatus:
+    """Progress of the background load, written by the loading thread and read by the loading page."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._lines: list[str] = []
+        self.t0 = time.monotonic()
+        self.state = "loading"            # then "ready" or "failed"
+        self.error = ""
+
+    def log(self, message: str) -> None:
+        with self._lock:
+            self._lines.append(str(message))
+
+    def finish(self, error: str | None = None) -> None:
+        with self._lock:
+            self.state, self.error = ("failed", error) if error else ("ready", "")
+
+    def markdown(self) -> str:
+        with self._lock:
+            lines, state, error = list(self._lines[-12:]), self.state, self.error
+        if state == "ready":
+            head = "**Ready.** Opening the demo…"
+        elif state == "failed":
+            head = f"**Loading failed:** {error}"
+        else:
+            head = f"**Loading the models… {time.monotonic() - self.t0:.0f} s** (the first start can take a minute or two)"
+        return head + "".join(f"\n\n`{line}`" for line in lines)
+
+
+# Once the status says ready, wait until the demo answers on this address (the loading server closes and the
+# demo starts on the same port), then reload into it.
+RELOAD_JS = """(text) => {
+  if (!text || !text.startsWith("**Ready.") || window.colmReloading) return;
+  window.colmReloading = true;
+  const poll = async () => {
+    try {
+      const r = await fetch("config", {cache: "no-store"});
+      if (r.ok && (await r.json()).title === "Co-LLM demo") { location.reload(); return; }
+    } catch (e) {}
+    setTimeout(poll, 1000);
+  };
+  setTimeout(poll, 1000);
+}"""
+
+
+def build_loading_page(status: LoadStatus) -> gr.Blocks:
+    """A page that shows ``status`` every second until the models are loaded, then reloads into the demo."""
+    with gr.Blocks(title="Co-LLM demo (loading)", analytics_enabled=False) as page:
+        gr.Markdown("# Co-LLM: a small model that learns when to ask a bigger one")
+        text = gr.Markdown(status.markdown(), elem_id="loading-status")
+        timer = gr.Timer(1)
+        timer.tick(status.markdown, None, text, api_name="loading_status", concurrency_limit=None).then(
+            None, text, None, js=RELOAD_JS)
+    return page
+
+
 # ----------------------------------------------------------------------------------------------- main
-def load(args) -> tuple[CoLLM, str]:
-    """Load the pair and head once, printing progress.  A head that cannot be used becomes a banner, not a
-    crash: the baseline policies still work without one."""
+def load(args, progress=None) -> tuple[CoLLM, str]:
+    """Load the pair and head once, printing progress (and passing it to ``progress``).  A head that cannot be
+    used becomes a banner, not a crash: the baseline policies still work without one."""
     from colm.cli import SHIPPED_HEAD
     from colm.head import DeferralHead, untrained_head
     from colm.models import load_pair
-    log = lambda m: print(m, file=sys.stderr, flush=True)
+
+    def log(m):
+        print(m, file=sys.stderr, flush=True)
+        if progress is not None:
+            progress(m)
     t0 = time.perf_counter()
     log("loading models (the very first start assembles the default pair into the cache: about 90 s)")
     pair = load_pair(args.base, args.expert, dtype=args.dtype, device=args.device, progress=log)
@@ -340,13 +404,38 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     args = p.parse_args(argv)
-    try:
-        decoder, banner = load(args)
-    except ColmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)   # `kill`, `docker stop`: close like Ctrl-C, clean up on exit
+    status, loaded = LoadStatus(), []
+
+    def work():
+        try:
+            loaded.append(load(args, status.log))
+            status.finish()
+        except ColmError as e:
+            status.finish(str(e))
+        except Exception as e:                      # shown on the page too; the traceback goes to the terminal
+            status.finish(f"{type(e).__name__}: {e}")
+            raise
+    loader = threading.Thread(target=work, name="colm-load", daemon=True)
+    loader.start()
+    # The loading page is local only: a share link comes with the demo itself.
+    loading = build_loading_page(status).queue()
+    loading.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True)
+    print(f"loading page on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    try:
+        while loader.is_alive():
+            loader.join(0.5)
+        if status.state != "ready":
+            print(f"error: {status.error} (the page shows it; Ctrl-C to exit)", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(3600)
+        time.sleep(2.5)                             # let open pages see "ready" before the server goes
+    except KeyboardInterrupt:
+        return 2 if status.state == "failed" else 130
+    finally:
+        loading.close()
+    decoder, banner = loaded[0]
     serve(build_app(decoder, banner), server_name=args.host, server_port=args.port, share=args.share)
     return 0
 

@@ -224,3 +224,24 @@ def test_examples_wrap_word_problems_with_the_instruction():
     word = [p for p in ex.values() if p.endswith("\n\n" + INSTRUCTION)]
     assert len(word) >= 3
     assert any("def " in p or "Python" in p for p in ex.values() if not p.endswith(INSTRUCTION))
+
+
+# ----------------------------------------------------------------------------------------------- loading page
+def test_loading_page_shows_progress_then_error_or_ready():
+    status = app.LoadStatus()
+    page = app.build_loading_page(status).queue()
+    port = free_port()
+    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        c = client(f"http://127.0.0.1:{port}")
+        shown = lambda: c.predict(api_name="/loading_status")
+        assert "Loading the models" in shown()
+        status.log("assembling base-model from 3 chunks")
+        assert "assembling base-model from 3 chunks" in shown()
+        status.finish("no such model: nope")
+        assert "Loading failed:** no such model: nope" in shown()
+        status.finish()
+        text = shown()
+        assert text.startswith("**Ready.") and "assembling base-model" in text
+    finally:
+        page.close()
