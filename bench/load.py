@@ -96,9 +96,12 @@ class Server:
                 self.stop()
                 raise RuntimeError(f"app.py not ready after {ready_timeout:.0f} s:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/config", timeout=5).status_code == 200:
+                # The loading page answers first; the demo is up once its /generate endpoint is listed.
+                r = httpx.get(f"{self.url}/config", timeout=5)
+                if r.status_code == 200 and any(d.get("api_name") == "generate"
+                                                for d in r.json().get("dependencies", [])):
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.25)
         self.start_seconds = time.time() - t0
