@@ -14,6 +14,7 @@ import argparse
 import atexit
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -396,7 +397,8 @@ def load(args, progress=None) -> tuple[CoLLM, str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Co-LLM web demo")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+                   help="port (default: $GRADIO_SERVER_PORT or 7860)")
     p.add_argument("--base", default="default")
     p.add_argument("--expert", default="default")
     p.add_argument("--head", default=None, help="deferral head .safetensors (default: the shipped head)")
@@ -427,9 +429,8 @@ def main(argv=None) -> int:
         while loader.is_alive():
             loader.join(0.5)
         if status.state != "ready":
-            print(f"error: {status.error} (the page shows it; Ctrl-C to exit)", file=sys.stderr, flush=True)
-            while True:
-                time.sleep(3600)
+            print(f"error: {status.error}", file=sys.stderr, flush=True)
+            return 2
         time.sleep(2.5)                             # let open pages see "ready" before the server goes
     except KeyboardInterrupt:
         return 2 if status.state == "failed" else 130

@@ -332,13 +332,13 @@ def test_cli_process_level_inputs(dir_dec, pair_dirs, head_file):
 # ----------------------------------------------------------------------------------------------- safe defaults
 def test_binds_loopback_and_never_shares_unless_asked(dec, monkeypatch, no_signal):
     launched = []
-    monkeypatch.setattr(app, "load", lambda args: (dec, ""))
+    monkeypatch.setattr(app, "load", lambda args, progress=None: (dec, ""))
     monkeypatch.setattr(app, "serve", lambda demo, **kw: launched.append(kw))
     monkeypatch.setenv("GRADIO_SHARE", "True")          # an explicit share=False wins over the environment
     monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
-    assert app.main([]) == 0
+    assert app.main(["--port", str(free_port())]) == 0  # (the loading page really launches, on a free port)
     assert launched[-1]["server_name"] == "127.0.0.1" and launched[-1]["share"] is False
-    assert app.main(["--host", "0.0.0.0", "--share"]) == 0
+    assert app.main(["--host", "0.0.0.0", "--share", "--port", str(free_port())]) == 0
     assert launched[-1]["server_name"] == "0.0.0.0" and launched[-1]["share"] is True
     assert no_signal and no_signal[-1][0] == signal.SIGTERM     # `kill` shuts down like Ctrl-C (cleanup runs)
 
@@ -509,6 +509,8 @@ def no_signal(monkeypatch):
 def fake_serve(monkeypatch, no_signal):
     launched = []
     monkeypatch.setattr(app, "serve", lambda demo, **kw: launched.append(demo))
+    monkeypatch.setenv("GRADIO_SERVER_PORT", str(free_port()))  # the loading page really launches
+
     return launched
 
 
