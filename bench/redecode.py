@@ -1,0 +1,139 @@
+"""Item 4: the threshold slider.  Time ``CoLLM.redecode(trace, eta')`` whose first flipped decision falls at 25, 50
+and 90 % of an n-token answer, against a full decode at eta'.
+
+Placing the first flip exactly.  With a plain random-weight head the first flip for eta -> eta' is the first step
+whose p_defer lies between the two thresholds; only "record" positions (p closer to eta than every earlier p on
+that side) can ever be first, and late records are rare (about ln(n) per side), so 90 % is usually unreachable.
+The bench therefore uses a head it controls: a random-weight linear head (p varies with the hidden state as usual)
+plus, at the chosen positions t only, an override that puts p_t a few fp32 ulps from eta *on the side the original
+decision already was*, so the original trajectory is unchanged.  eta' is then set just past p_t: the band
+between eta and eta' holds p_t, the later override positions and (verified, not assumed) no other step.  The
+override is keyed by the step index, which the bench passes to the head by wrapping ``decode_one``; the library's
+redecode path runs unmodified.
+
+The original trace is decoded once and deep-copied for each timed re-decode (redecode consumes a trace's state).
+Every re-decode is checked token-for-token against the full decode at the same eta'.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+
+try:
+    from . import common as C
+except ImportError:
+    import common as C
+
+TARGETS = (0.25, 0.5, 0.9)
+ULP = 2.0 ** -22            # fp32 spacing just below 1.0 is 2^-24; every value used is a multiple of this
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+class OverrideHead(torch.nn.Module):
+    """Wraps a DeferralHead; p at the step indices in ``override`` is replaced (see module doc)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.inner, self.override, self.pos = head, {}, None
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def p_defer(self, h):
+        p = self.inner.p_defer(h)
+        if self.pos in self.override:
+            p = torch.full_like(p, self.override[self.pos])
+        return p
+
+
+def _track_position(dec, head: OverrideHead):
+    inner = dec.decode_one
+
+    def decode_one(st, *a, **k):
+        head.pos = st.ids.shape[1] - st.prompt_len   # index of the step being decided
+        return inner(st, *a, **k)
+    dec.decode_one = decode_one
+
+
+def run(pair, quick: bool = False, n: int | None = None, reps: int | None = None, rate: float = 0.2) -> dict:
+    n = n or (64 if quick else 256)
+    reps = reps or (1 if quick else 2)
+    msgs = C.prompts(1)[0]
+    probe = C.decoder(pair)
+    ids = probe.encode(msgs)
+    rhead, p_sorted = C.random_head(pair, ids, seed=0)
+    eta = _f32(round(float(np.quantile(p_sorted, 1 - rate)) * 1024) / 1024)   # ~rate deferral, exact in fp32
+    head = OverrideHead(rhead)
+    dec = C.decoder(pair, head)
+    _track_position(dec, head)
+
+    C.log(f"[redecode] eta={eta}: probe decode")
+    dec.generate(msgs, threshold=eta, max_new_tokens=4)  # warm-up
+    probe_tr = dec.generate(msgs, threshold=eta, max_new_tokens=n)
+    # Place the override near each target, on the side the original decision was; later targets get the
+    # narrower band so an earlier target's band contains the later ones (first flip = the earliest).
+    plan = {}
+    for j, q in enumerate(TARGETS):
+        t = min(n - 1, round(q * n))
+        width = (len(TARGETS) - j) * 4 * ULP
+        deferred = probe_tr.steps[t].source == "expert"
+        p_t = _f32(eta + width) if deferred else _f32(eta - width)
+        eta_new = _f32(eta + width + 2 * ULP) if deferred else _f32(eta - width - 2 * ULP)
+        head.override[t] = p_t
+        plan[q] = {"t": t, "deferred_originally": deferred, "p_override": p_t, "eta_new": eta_new}
+
+    C.log("[redecode] original decode (with overrides)")
+    (orig, orig_noise) = C.timed(dec.generate, msgs, threshold=eta, max_new_tokens=n)
+    orig_wall = orig_noise["wall_s"]
+    assert orig.token_ids == probe_tr.token_ids, "overrides must not change the original trajectory"
+    p = [s.p_defer for s in orig.steps]
+    for q, pl in plan.items():
+        lo, hi = sorted((eta, pl["eta_new"]))
+        pl["first_flip_expected"] = next((i for i, x in enumerate(p) if lo < x <= hi), None)
+
+    results = {}
+    for q, pl in plan.items():
+        C.log(f"[redecode] full decode at eta'={pl['eta_new']} (target {q:.0%})")
+        full, full_noise = C.timed(dec.generate, msgs, threshold=pl["eta_new"], max_new_tokens=n)
+        re_runs = []
+        for rep in range(reps):
+            tr = copy.deepcopy(orig)
+            re, nz = C.timed(dec.redecode, tr, pl["eta_new"], n)
+            wall = nz["wall_s"]
+            re_runs.append({"wall_s": wall, "decode_s": re.decode_seconds, "setup_s": re.prefill_seconds,
+                            "reused": re.reused_steps, "noise": nz})
+            C.log(f"[redecode] target {q:.0%} rep {rep}: reused {re.reused_steps}/{n} in {wall:.2f}s "
+                  f"(full {full_noise['wall_s']:.2f}s)")
+        t = re.reused_steps
+        wall = C.summary([r["wall_s"] for r in re_runs])
+        results[f"{q:g}"] = {
+            **pl, "first_flip": t, "changed_fraction": (n - t) / n,
+            "redecode_s": wall, "full_decode_s": full_noise["wall_s"],
+            "time_ratio": wall["median"] / full_noise["wall_s"],
+            "ratio_over_changed_fraction": wall["median"] / full_noise["wall_s"] / ((n - t) / n),
+            "equals_full_decode": re.token_ids == full.token_ids and
+                                  [s.source for s in re.steps] == [s.source for s in full.steps],
+            "deferral_fraction_full": full.deferral_rate, "full_noise": full_noise, "runs": re_runs,
+        }
+    return {"n_tokens": n, "reps": reps, "eta": eta, "deferral_fraction_original": orig.deferral_rate,
+            "original_decode_s": orig_wall, "targets": results}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tokens", type=int)
+    ap.add_argument("--reps", type=int)
+    a = ap.parse_args()
+    pair, _ = C.load()
+    print(C.write_json("redecode.json", {"machine": C.machine(), "redecode": run(pair, a.quick, a.tokens, a.reps)}))
