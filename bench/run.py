@@ -13,7 +13,6 @@ used meanwhile (``foreign_cores``), and each block first waits (<= 20 s) for a q
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

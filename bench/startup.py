@@ -113,10 +113,12 @@ def app_ready(timeout: float = 180.0) -> dict | None:
             if p.poll() is not None:
                 return {"error": f"app.py exited with {p.returncode}: {p.stderr.read()[-2000:]}"}
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:
-                    if resp.status == 200:
+                # The loading page answers first; the demo is ready once its /generate endpoint is listed.
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as resp:
+                    deps = json.loads(resp.read()).get("dependencies", [])
+                    if any(d.get("api_name") == "generate" for d in deps):
                         return {"ready_s": time.time() - t0, "port": port}
-            except OSError:
+            except (OSError, ValueError):
                 pass
             time.sleep(0.25)
         return {"error": f"not ready after {timeout} s"}
