@@ -47,7 +47,7 @@ POLICIES = ["colm", "random", "base", "expert", "confidence"]
 MB = 1 << 20
 RSS_SLACK_MB = 64          # allowed RSS growth per phase after warm-up (or 2 % of the RSS, if more): allocator
                            # noise, each session's last trace, Gradio's per-session component copies
-THREAD_SLACK = 4           # pooled worker threads come and go; a leak of one per request would add 20 (10 per stop)
+THREAD_SLACK = 8           # pooled worker threads come and go (seen: +5 on a loaded CPU); a leak of one per request adds 20 (10 per stop)
 
 
 # ----------------------------------------------------------------------------------------------- set-up
