@@ -62,7 +62,7 @@ def catchup_cost(pair, ids, n_vocab, ks=(1, 2, 4, 8, 16), reps=3) -> dict:
 
 def run(pair, quick: bool = False, n: int | None = None, reps: int | None = None, rates=(0.1, 0.2, 0.4)) -> dict:
     from colm.decode import Policy
-    n = n or (32 if quick else 128)
+    n = n or (24 if quick else 128)
     reps = reps or (2 if quick else 3)
     msgs = C.prompts(1)[0]
     dec = C.decoder(pair)
@@ -147,7 +147,8 @@ def run(pair, quick: bool = False, n: int | None = None, reps: int | None = None
     steady["ours_over_hf_per_step"] = steady["hf_base_s"] / steady["colm_base_s"]
     ours_vs_hf = C.summary([a["tokens"] / a["wall_s"] / (b["tokens"] / b["wall_s"])
                             for a, b in zip(runs["colm_base"], runs["hf_base"])])
-    return {"n_tokens": n, "reps": reps, "prompt_tokens": len(ids), "t_base_step_s": t_b, "t_expert_step_s": t_e,
+    return {"n_tokens": n, "reps": reps, "prompt_tokens": len(ids),
+            "learned_head": {"threshold": head.threshold, "name": head.identity} if head is not None else None, "t_base_step_s": t_b, "t_expert_step_s": t_e,
             "t_base_prefill_s": C.med([r["prefill_s"] for r in runs["raw_base"]]),
             "t_expert_prefill_s": t_e_prefill, "modes": table, "catchup_cost": catch,
             "ours_over_hf_base": {"paired": ours_vs_hf,

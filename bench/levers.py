@@ -54,7 +54,7 @@ def _compare(variants: dict, reps: int, label: str) -> dict:
 def run(pair, quick: bool = False, n: int | None = None, reps: int | None = None, do_dtype: bool | None = None,
         do_compile: bool = False) -> dict:
     from colm.models import load_model, pick_dtype
-    n = n or (16 if quick else 48)
+    n = n or (12 if quick else 32)
     reps = reps or (1 if quick else 2)
     do_dtype = (not quick) if do_dtype is None else do_dtype
     msgs = C.prompts(1)[0]
@@ -77,6 +77,9 @@ def run(pair, quick: bool = False, n: int | None = None, reps: int | None = None
                 torch.set_num_threads(default)
         return f
     out["threads"] = _compare({f"{k}": threads(k) for k in sorted({1, max(2, default)})}, reps, "threads")
+
+    if quick:   # the quick run keeps to the thread count; attention and dtype are full-run levers
+        return out
 
     # attention
     def attn(impl):

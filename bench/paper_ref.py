@@ -59,7 +59,7 @@ def paper_style(dec, ids: list[int], n: int, policy) -> dict:
 
 def run(pair, quick: bool = False, n: int | None = None, reps: int | None = None, rate: float = 0.2) -> dict:
     from colm.decode import Policy
-    n = n or (64 if quick else 256)
+    n = n or (48 if quick else 256)
     reps = reps or (1 if quick else 2)
     msgs = C.prompts(1)[0]
     dec = C.decoder(pair)

@@ -5,9 +5,10 @@ Placing the first flip exactly.  With a plain random-weight head the first flip 
 whose p_defer lies between the two thresholds; only "record" positions (p closer to eta than every earlier p on
 that side) can ever be first, and late records are rare (about ln(n) per side), so 90 % is usually unreachable.
 The bench therefore uses a head it controls: a random-weight linear head (p varies with the hidden state as usual)
-plus, at the chosen positions t only, an override that puts p_t a few fp32 ulps from eta *on the side the original
-decision already was*, so the original trajectory is unchanged.  eta' is then set just past p_t: the band
-between eta and eta' holds p_t, the later override positions and (verified, not assumed) no other step.  The
+plus, at the chosen positions t only, an override that puts p_t a few fp32 ulps below eta (so the original decode
+takes the base token there).  eta' is then set just below p_t: the band between eta' and eta holds p_t, the later
+override positions (their offsets are nested) and (verified, not assumed) no other step, so step t flips to the
+expert and nothing earlier flips.  The
 override is keyed by the step index, which the bench passes to the head by wrapping ``decode_one``; the library's
 redecode path runs unmodified.
 
@@ -65,7 +66,7 @@ def _track_position(dec, head: OverrideHead):
 
 
 def run(pair, quick: bool = False, n: int | None = None, reps: int | None = None, rate: float = 0.2) -> dict:
-    n = n or (64 if quick else 256)
+    n = n or (48 if quick else 256)
     reps = reps or (1 if quick else 2)
     msgs = C.prompts(1)[0]
     probe = C.decoder(pair)
@@ -76,25 +77,19 @@ def run(pair, quick: bool = False, n: int | None = None, reps: int | None = None
     dec = C.decoder(pair, head)
     _track_position(dec, head)
 
-    C.log(f"[redecode] eta={eta}: probe decode")
-    dec.generate(msgs, threshold=eta, max_new_tokens=4)  # warm-up
-    probe_tr = dec.generate(msgs, threshold=eta, max_new_tokens=n)
-    # Place the override near each target, on the side the original decision was; later targets get the
-    # narrower band so an earlier target's band contains the later ones (first flip = the earliest).
+    # Later targets get the narrower offset, so an earlier target's band also holds the later overrides and its
+    # first flip is still the earliest.
     plan = {}
     for j, q in enumerate(TARGETS):
         t = min(n - 1, round(q * n))
         width = (len(TARGETS) - j) * 4 * ULP
-        deferred = probe_tr.steps[t].source == "expert"
-        p_t = _f32(eta + width) if deferred else _f32(eta - width)
-        eta_new = _f32(eta + width + 2 * ULP) if deferred else _f32(eta - width - 2 * ULP)
-        head.override[t] = p_t
-        plan[q] = {"t": t, "deferred_originally": deferred, "p_override": p_t, "eta_new": eta_new}
+        head.override[t] = _f32(eta - width)
+        plan[q] = {"t": t, "p_override": _f32(eta - width), "eta_new": _f32(eta - width - 2 * ULP)}
 
-    C.log("[redecode] original decode (with overrides)")
+    C.log(f"[redecode] eta={eta}: original decode (with overrides)")
+    dec.generate(msgs, threshold=eta, max_new_tokens=4)  # warm-up
     (orig, orig_noise) = C.timed(dec.generate, msgs, threshold=eta, max_new_tokens=n)
     orig_wall = orig_noise["wall_s"]
-    assert orig.token_ids == probe_tr.token_ids, "overrides must not change the original trajectory"
     p = [s.p_defer for s in orig.steps]
     for q, pl in plan.items():
         lo, hi = sorted((eta, pl["eta_new"]))

@@ -82,10 +82,11 @@ def headline(res: dict) -> list[tuple[str, str, str, str]]:
         add(f"threads {names[0]} over {names[-1]}: base / expert step time",
             f"{ratio(t, names[0], names[-1], 'base_step_s'):.2f} / {ratio(t, names[0], names[-1], 'expert_step_s'):.2f}",
             "report", None)
-        a = lv["attention"]
-        add("eager over sdpa: base / expert step time",
-            f"{ratio(a, 'eager', 'sdpa', 'base_step_s'):.2f} / {ratio(a, 'eager', 'sdpa', 'expert_step_s'):.2f}",
-            "report", None)
+        if "attention" in lv:
+            a = lv["attention"]
+            add("eager over sdpa: base / expert step time",
+                f"{ratio(a, 'eager', 'sdpa', 'base_step_s'):.2f} / {ratio(a, 'eager', 'sdpa', 'expert_step_s'):.2f}",
+                "report", None)
         if "dtype" in lv:
             dt = lv["dtype"]
             add("fp32 over bf16: base / expert step time",

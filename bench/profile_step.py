@@ -1,0 +1,106 @@
+"""Where a decode step's time goes: torch.profiler over n single-token steps of the base and of the expert
+(KV cache, the prompt prefilled), grouped into weight matmuls, attention, the rest of the ATen ops, and what is
+left of the wall time outside ATen ops (Python, module calls, dispatch).  Also a weights-only bandwidth floor:
+bytes of weights read per step / the memory bandwidth a large copy reaches on this machine.
+
+    python bench/profile_step.py [--tokens 32]     -> bench/out/profile_step.json
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+try:
+    from . import common as C
+except ImportError:
+    import common as C
+
+GROUPS = {
+    "weight matmuls (linear/mm/addmm)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
+    "attention (sdpa)": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
+                         "aten::_scaled_dot_product_attention_math"),
+}
+
+
+def bandwidth_gbs(mb: int = 1024) -> float:
+    x = torch.empty(mb * 2**20, dtype=torch.uint8)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        y.copy_(x)
+        ts.append(time.perf_counter() - t)
+    return 2 * x.numel() / min(ts) / 1e9   # read + write
+
+
+@torch.inference_mode()
+def profile_model(model, ids, n, V, expert: bool) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+    from colm.decode import _positions, base_forward, expert_forward
+    x = torch.tensor([ids])
+    m = torch.ones_like(x)
+    cache = DynamicCache(config=model.config)
+
+    def fwd(tok, mask, pos):
+        if expert:
+            return expert_forward(model, tok, mask, pos, cache, 1, V)[:, -1]
+        return base_forward(model, tok, mask, pos, cache, V)[1]
+    logits = fwd(x, m, _positions(m))
+    for _ in range(3):  # warm-up steps
+        tok = logits.argmax(-1, keepdim=True)
+        m = torch.cat([m, torch.ones_like(tok)], 1)
+        logits = fwd(tok, m, _positions(m)[:, -1:])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(n):
+            tok = logits.argmax(-1, keepdim=True)
+            m = torch.cat([m, torch.ones_like(tok)], 1)
+            logits = fwd(tok, m, _positions(m)[:, -1:])
+        wall = time.perf_counter() - t
+    ev = prof.key_averages()
+    self_us = {e.key: e.self_cpu_time_total for e in ev}
+    counts = {e.key: e.count for e in ev}
+    total_ops = sum(self_us.values())
+    out = {"step_ms_under_profiler": wall / n * 1e3, "groups_ms_per_step": {}, "ops_per_step": sum(counts.values()) / n}
+    used = set()
+    for g, keys in GROUPS.items():
+        out["groups_ms_per_step"][g] = sum(self_us.get(k, 0) for k in keys) / n / 1e3
+        used.update(keys)
+    out["groups_ms_per_step"]["other ATen ops (norms, rotary, silu, cat, copies...)"] = \
+        sum(v for k, v in self_us.items() if k not in used) / n / 1e3
+    out["groups_ms_per_step"]["outside ATen ops (Python, modules, dispatch)"] = max(0.0, wall * 1e6 - total_ops) / n / 1e3
+    out["top_ops"] = sorted(((k, v / n / 1e3, counts[k] / n) for k, v in self_us.items()), key=lambda r: -r[1])[:12]
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                       if "embed_tokens" not in name)  # the embedding is a row gather, not a full read
+    out["weight_bytes_read_per_step_gb"] = weight_bytes / 1e9
+    return out
+
+
+def run(pair, n: int = 32) -> dict:
+    ids = C.decoder(pair).encode(C.prompts(1)[0])
+    V = len(pair.tokenizer)
+    bw = bandwidth_gbs()
+    res = {"threads": torch.get_num_threads(), "n_steps": n, "copy_bandwidth_gbs": bw}
+    for name, model, expert in (("base", pair.base, False), ("expert", pair.expert, True)):
+        r = profile_model(model, ids, n, V, expert)
+        r["bandwidth_floor_ms"] = r["weight_bytes_read_per_step_gb"] / bw * 1e3
+        res[name] = r
+        C.log(f"[profile] {name}: {r['step_ms_under_profiler']:.1f} ms/step; " +
+              "; ".join(f"{k} {v:.1f}" for k, v in r["groups_ms_per_step"].items()) +
+              f"; bandwidth floor {r['bandwidth_floor_ms']:.1f} ms")
+    return res
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    pair, _ = C.load()
+    print(C.write_json("profile_step.json", {"machine": C.machine(), "profile": run(pair, a.tokens)}))
