@@ -8,7 +8,6 @@ only, with 32-token answers (prefill weighs more in short answers, so its ratio 
 """
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 
@@ -62,10 +61,4 @@ def run(pair, quick: bool = False, n: int | None = None, reps: int | None = None
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tokens", type=int)
-    ap.add_argument("--reps", type=int)
-    a = ap.parse_args()
-    pair, _ = C.load()
-    print(C.write_json("batch.json", {"machine": C.machine(), "batch": run(pair, a.quick, a.tokens, a.reps)}))
+    C.script_main("batch", "batch", run)

@@ -201,31 +201,56 @@ def random_head(pair, prompt_ids: list[int], seed: int = 0, logit_std: float = 2
 @torch.inference_mode()
 def raw_decode(model, prompt_ids: list[int], n: int, n_vocab: int, expert: bool = False) -> dict:
     """Greedy decode with nothing but model calls and an argmax: the per-token step time of one model with its KV
-    cache, averaged over the same context lengths a real n-token answer covers.
+    cache, averaged over the same context lengths a real n-token answer covers (calls as in ``greedy_stepper``).
+    """
+    step = greedy_stepper(model, prompt_ids, n_vocab, expert)
+    t0 = time.perf_counter()
+    logits = step(None)
+    t1 = time.perf_counter()
+    toks = []
+    for i in range(n - 1):
+        tok = logits.argmax(-1, keepdim=True)
+        toks.append(int(tok))
+        logits = step(tok)
+    toks.append(int(logits.argmax(-1)))
+    t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "step_s": (t2 - t1) / max(1, n - 1), "total_s": t2 - t0, "tokens": toks}
+
+
+def greedy_stepper(model, prompt_ids: list[int], n_vocab: int, expert: bool = False):
+    """``step(None)`` prefills the prompt, ``step(tok [1, 1])`` feeds one token; each returns the last logits [1, V].
 
     ``expert=True`` calls the model the way Co-LLM's catch-up does (full model with logits_to_keep=1); otherwise
     the way the base step does (backbone + LM head on the last position).
     """
     from transformers import DynamicCache
     from colm.decode import _positions, base_forward, expert_forward
-    x = torch.tensor([prompt_ids])
-    m = torch.ones_like(x)
     cache = DynamicCache(config=model.config)
+    state = {"mask": None}
 
-    def fwd(ids, mask, pos):
+    def step(tok):
+        if tok is None:
+            ids = torch.tensor([prompt_ids])
+            state["mask"] = mask = torch.ones_like(ids)
+            pos = _positions(mask)
+        else:
+            ids = tok
+            state["mask"] = mask = torch.cat([state["mask"], torch.ones_like(tok)], 1)
+            pos = _positions(mask)[:, -1:]
         if expert:
             return expert_forward(model, ids, mask, pos, cache, 1, n_vocab)[:, -1]
         return base_forward(model, ids, mask, pos, cache, n_vocab)[1]
+    return step
 
-    t0 = time.perf_counter()
-    logits = fwd(x, m, _positions(m))
-    t1 = time.perf_counter()
-    toks = []
-    for i in range(n - 1):
-        tok = logits.argmax(-1, keepdim=True)
-        toks.append(int(tok))
-        m = torch.cat([m, torch.ones_like(tok)], 1)
-        logits = fwd(tok, m, _positions(m)[:, -1:])
-    toks.append(int(logits.argmax(-1)))
-    t2 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "step_s": (t2 - t1) / max(1, n - 1), "total_s": t2 - t0, "tokens": toks}
+
+def script_main(name: str, key: str, run) -> None:
+    """The shared ``__main__`` of the suite's scripts: --quick/--tokens/--reps, load the default pair, run, write
+    bench/out/<name>.json and print its path."""
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tokens", type=int)
+    ap.add_argument("--reps", type=int)
+    a = ap.parse_args()
+    pair, _ = load()
+    print(write_json(f"{name}.json", {"machine": machine(), key: run(pair, a.quick, a.tokens, a.reps)}))

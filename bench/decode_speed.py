@@ -16,7 +16,6 @@ one) explains what the bound leaves out.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -160,11 +159,4 @@ def run(pair, quick: bool = False, n: int | None = None, reps: int | None = None
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tokens", type=int)
-    ap.add_argument("--reps", type=int)
-    a = ap.parse_args()
-    pair, _ = C.load()
-    res = run(pair, a.quick, a.tokens, a.reps)
-    print(C.write_json("decode_speed.json", {"machine": C.machine(), "decode": res}))
+    C.script_main("decode_speed", "decode", run)

@@ -11,7 +11,6 @@ interleaved, and the realised deferrals are identical.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -103,10 +102,4 @@ def run(pair, quick: bool = False, n: int | None = None, reps: int | None = None
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tokens", type=int)
-    ap.add_argument("--reps", type=int)
-    a = ap.parse_args()
-    pair, _ = C.load()
-    print(C.write_json("paper_ref.json", {"machine": C.machine(), "paper_ref": run(pair, a.quick, a.tokens, a.reps)}))
+    C.script_main("paper_ref", "paper_ref", run)

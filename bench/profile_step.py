@@ -39,27 +39,14 @@ def bandwidth_gbs(mb: int = 1024) -> float:
 @torch.inference_mode()
 def profile_model(model, ids, n, V, expert: bool) -> dict:
     from torch.profiler import ProfilerActivity, profile
-    from transformers import DynamicCache
-    from colm.decode import _positions, base_forward, expert_forward
-    x = torch.tensor([ids])
-    m = torch.ones_like(x)
-    cache = DynamicCache(config=model.config)
-
-    def fwd(tok, mask, pos):
-        if expert:
-            return expert_forward(model, tok, mask, pos, cache, 1, V)[:, -1]
-        return base_forward(model, tok, mask, pos, cache, V)[1]
-    logits = fwd(x, m, _positions(m))
+    step = C.greedy_stepper(model, ids, V, expert)
+    logits = step(None)
     for _ in range(3):  # warm-up steps
-        tok = logits.argmax(-1, keepdim=True)
-        m = torch.cat([m, torch.ones_like(tok)], 1)
-        logits = fwd(tok, m, _positions(m)[:, -1:])
+        logits = step(logits.argmax(-1, keepdim=True))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
         for _ in range(n):
-            tok = logits.argmax(-1, keepdim=True)
-            m = torch.cat([m, torch.ones_like(tok)], 1)
-            logits = fwd(tok, m, _positions(m)[:, -1:])
+            logits = step(logits.argmax(-1, keepdim=True))
         wall = time.perf_counter() - t
     ev = prof.key_averages()
     self_us = {e.key: e.self_cpu_time_total for e in ev}

@@ -17,7 +17,6 @@ Every re-decode is checked token-for-token against the full decode at the same e
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import numpy as np
@@ -124,10 +123,4 @@ def run(pair, quick: bool = False, n: int | None = None, reps: int | None = None
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tokens", type=int)
-    ap.add_argument("--reps", type=int)
-    a = ap.parse_args()
-    pair, _ = C.load()
-    print(C.write_json("redecode.json", {"machine": C.machine(), "redecode": run(pair, a.quick, a.tokens, a.reps)}))
+    C.script_main("redecode", "redecode", run)
