@@ -117,9 +117,10 @@ def choose(points: list[dict]) -> dict:
 
 def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS, sweep_examples=None,
              thresholds: list[float] | None = None, batch_size: int = 16, max_new_tokens: int = 256,
-             baselines: bool = True, on_update=None) -> dict:
+             baselines: bool = True, on_update=None, baseline_rate: float | None = None) -> dict:
     """Sweep (or take) thresholds, pick the best on ``sweep_examples``, then evaluate it and the baselines on all
-    ``examples``: base-only, expert-only, random and confidence deferral at the chosen point's frequency.
+    ``examples``: base-only, expert-only, random and confidence deferral at the chosen point's frequency (or at
+    ``baseline_rate``, which lets those two run in parallel with the Co-LLM decode and be picked up from their files).
     ``on_update(results)`` is called after every stage, so a long run leaves partial results behind."""
     on_update = on_update or (lambda r: None)
     runs = out / "runs"
@@ -151,7 +152,7 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
     results["chosen"] = {"threshold": chosen["threshold"], **summarize(final)}
     on_update(results)
     if baselines:
-        f = round(results["chosen"]["deferral"], 3)
+        f = round(results["chosen"]["deferral"] if baseline_rate is None else baseline_rate, 3)
         rnd = run_policy(dec, examples, Policy("random", rate=f, seed=0), runs / f"random-{f:.3f}.jsonl",
                          batch_size, max_new_tokens)
         results["random"].append({"rate": f, **summarize(rnd)})
@@ -179,12 +180,16 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--baseline-rate", type=float, default=None,
+                   help="deferral frequency for the random and confidence baselines (default: the chosen point's)")
     p.add_argument("--write-threshold", action="store_true", help="store the chosen threshold in the head file")
 
 
 def main(args) -> int:
     from .cli import _load
     from .data import DEFAULT_DATA, read_jsonl, split
+    if args.baseline_rate is not None and not 0.0 <= args.baseline_rate <= 1.0:
+        raise ColmError(f"--baseline-rate must be in [0, 1], got {args.baseline_rate}")
     data = Path(args.data) if args.data else DEFAULT_DATA
     rows = read_jsonl(data)
     examples = split(rows, args.dev_size)[1] if args.split == "dev" else rows
@@ -206,7 +211,7 @@ def main(args) -> int:
         os.replace(tmp, out / "results.json")
 
     res = evaluate(dec, examples, out, fractions, sweep, thresholds, args.batch_size, args.max_new_tokens,
-                   not args.no_baselines, on_update=save)
+                   not args.no_baselines, on_update=save, baseline_rate=args.baseline_rate)
     save(res)
     from .viz import curve_figure
     curve_figure(res).write_html(str(out / "curve.html"), include_plotlyjs=True)

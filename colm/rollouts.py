@@ -66,6 +66,9 @@ def rollout(model, tokenizer, examples: list[Example], out: str | Path, batch_si
         from tqdm import tqdm
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"rollouts -> {out.name}")
     dev = next(model.parameters()).device
+    # Rows past the tokenizer are embedding padding, not tokens; the decoder never picks them (it slices the logits
+    # to len(tokenizer)), so greedy rollouts must not either, or they would diverge from its expert-only answers.
+    padded = list(range(len(tokenizer), model.config.vocab_size)) or None
     for s in range(0, len(todo), batch_size):
         chunk = todo[s:s + batch_size]
         rows = [prompts[e.index] for e in chunk]
@@ -76,7 +79,7 @@ def rollout(model, tokenizer, examples: list[Example], out: str | Path, batch_si
             ids[i, P - len(r):] = torch.tensor(r)
             mask[i, P - len(r):] = 1
         gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
+                             do_sample=False, pad_token_id=pad, suppress_tokens=padded)
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
         recs = []

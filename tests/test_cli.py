@@ -71,3 +71,8 @@ def test_train_bad_data_names_the_line(tmp_path, content, msg, capsys):
 def test_evaluate_missing_data_file(tmp_path, capsys):
     assert main(["evaluate", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_evaluate_rejects_a_baseline_rate_outside_0_1(tmp_path, capsys):
+    assert main(["evaluate", "--baseline-rate", "1.5", "--out", str(tmp_path / "o")]) == 2
+    assert "--baseline-rate must be in [0, 1]" in capsys.readouterr().err

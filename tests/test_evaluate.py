@@ -40,3 +40,33 @@ def test_evaluate_end_to_end_on_tiny_pair(pair_dirs, tmp_path):
                  "--thresholds", ",".join(str(p["threshold"]) for p in res["colm"]), "--max-new-tokens", "6",
                  "--batch-size", "2", "--dtype", "fp32"]) == 0
     assert {p.name: p.read_text() for p in (out / "runs").iterdir() if p.name in lines} == lines
+    # A fixed baseline rate names (and decodes) the random run at that rate instead of the chosen frequency.
+    assert main(["evaluate", "--data", str(data), "--split", "file", "--limit", "4", "--head", str(tmp_path / "h.safetensors"),
+                 "--out", str(out), "--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"),
+                 "--thresholds", str(res["chosen"]["threshold"]), "--max-new-tokens", "6", "--batch-size", "2",
+                 "--dtype", "fp32", "--baseline-rate", "0.5"]) == 0
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["random"][0]["rate"] == 0.5 and (out / "runs" / "random-0.500.jsonl").exists()
+
+
+def test_rollouts_never_pick_the_expert_s_padded_vocabulary_rows(pair, tmp_path):
+    """The tiny expert has 8 embedding rows past the tokenizer; even when they score highest, a rollout (like the
+    decoder) must choose among real tokens."""
+    from colm.data import Example
+    from colm.decode import CoLLM
+    from colm.rollouts import rollout
+    n = len(pair.tokenizer)
+    assert pair.expert.config.vocab_size > n
+
+    def boost(_mod, _inp, out):
+        out[..., n:] += 1e4
+        return out
+    hook = pair.expert.lm_head.register_forward_hook(boost)
+    try:
+        ex = [Example(i, f"Tom has {i} apples. How many?", "#### 1", "1") for i in range(3)]
+        recs = rollout(pair.expert, pair.tokenizer, ex, tmp_path / "r.jsonl", batch_size=2, max_new_tokens=5,
+                       encode=CoLLM(pair).encode, progress=False)
+    finally:
+        hook.remove()
+    ids = [t for r in recs.values() for t in r["ids"]]
+    assert ids and max(ids) < n
