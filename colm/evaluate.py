@@ -157,9 +157,11 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
                          batch_size, max_new_tokens)
         results["random"].append({"rate": f, **summarize(rnd)})
         on_update(results)
-        # The confidence policy's cut-off giving the same share of tokens along the base's answers.
+        # The confidence policy's cut-off giving the same share of tokens along the base's answers.  The file is
+        # named by that share, not by the cut-off, so a rerun whose teacher-forced pass rounds differently (another
+        # thread count) still finds it.
         min_prob = float(torch.quantile(top.double(), f)) if f > 0 else 0.0
-        conf = run_policy(dec, examples, Policy("confidence", min_prob=min_prob), runs / f"confidence-{min_prob:.6f}.jsonl",
+        conf = run_policy(dec, examples, Policy("confidence", min_prob=min_prob), runs / f"confidence-{f:.3f}.jsonl",
                           batch_size, max_new_tokens)
         results["confidence"] = [{"min_prob": min_prob, **summarize(conf)}]
         on_update(results)
