@@ -90,24 +90,36 @@ def teacher_forced_scores(dec: CoLLM, examples: list[Example], answers: dict[int
 
 
 @torch.inference_mode()
-def disagreement_proxy(dec: CoLLM, examples: list[Example], expert_answers: dict[int, dict],
-                       fractions=(0.1, 0.2, 0.3), batch_size: int = 8) -> dict:
-    """Cheap check of a head without free generation: along the expert's greedy answers, how well does p_defer
-    rank the positions where the base would have said something else?  Deferring at exactly those positions
-    reproduces the expert's answer, so high recall at a low deferral fraction predicts expert-level accuracy."""
-    from .train import auc, features_for_batch, sequences
+def proxy_features(dec: CoLLM, examples: list[Example], expert_answers: dict[int, dict], batch_size: int = 8):
+    """Along the expert's greedy answers: the base's hidden states [N, H] and whether its argmax differs [N]."""
+    from .train import features_for_batch, sequences
     seqs = sequences(examples, dec.encode, dec.pair.tokenizer, expert_answers)
-    ps, zs = [], []
+    hs, zs = [], []
     for s in range(0, len(seqs), batch_size):
         f = features_for_batch(dec.pair, seqs[s:s + batch_size], with_expert=False)
-        ps.append(dec.head.p_defer(f["h"].float()).cpu())
+        hs.append(f["h"])
         zs.append((f["arg_base"] != f["target"]).float())
-    p, z = torch.cat(ps), torch.cat(zs)
+    return torch.cat(hs), torch.cat(zs)
+
+
+def proxy_scores(p: torch.Tensor, z: torch.Tensor, fractions=(0.1, 0.2, 0.3)) -> dict:
+    """AUC of p_defer [N] against the disagreements z [N], and the share of them caught at each deferral fraction."""
+    from .train import auc
     out = {"tokens": int(len(p)), "disagreement_rate": float(z.mean()), "auc": auc(p, z)}
     for frac in fractions:
         k = max(1, int(len(p) * frac))
         out[f"recall_at_{round(frac * 100)}pct"] = float(z[p.topk(k).indices].sum() / z.sum().clamp_min(1))
     return out
+
+
+@torch.inference_mode()
+def disagreement_proxy(dec: CoLLM, examples: list[Example], expert_answers: dict[int, dict],
+                       fractions=(0.1, 0.2, 0.3), batch_size: int = 8) -> dict:
+    """Cheap check of a head without free generation: along the expert's greedy answers, how well does p_defer
+    rank the positions where the base would have said something else?  Deferring at exactly those positions
+    reproduces the expert's answer, so high recall at a low deferral fraction predicts expert-level accuracy."""
+    h, z = proxy_features(dec, examples, expert_answers, batch_size)
+    return proxy_scores(dec.head.p_defer(h.float()).cpu(), z, fractions)
 
 
 def choose(points: list[dict]) -> dict:
@@ -223,7 +235,8 @@ def main(args) -> int:
             from .cli import SHIPPED_HEAD
             head_path = SHIPPED_HEAD
         head.meta["threshold"] = res["chosen"]["threshold"]
-        head.meta.setdefault("metrics", {})["dev"] = {k: res[k] for k in ("base", "expert", "chosen", "random") if k in res}
+        keep = ("n_examples", "max_new_tokens", "base", "expert", "chosen", "random", "confidence", "proxy")
+        head.meta.setdefault("metrics", {})["dev"] = {k: res[k] for k in keep if k in res}
         head.save(head_path)
     print(json.dumps({k: res[k] for k in ("base", "expert", "chosen", "random", "confidence") if k in res}, indent=1))
     return 0

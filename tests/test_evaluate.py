@@ -33,6 +33,7 @@ def test_evaluate_end_to_end_on_tiny_pair(pair_dirs, tmp_path):
     assert (out / "curve.html").stat().st_size > 10_000
     stored = DeferralHead.load(tmp_path / "h.safetensors")
     assert stored.threshold == res["chosen"]["threshold"] and stored.meta["metrics"]["dev"]["chosen"]
+    assert {"confidence", "proxy", "random"} <= set(stored.meta["metrics"]["dev"])
     # Re-running reuses every decode (resumable JSONL runs): same results, no new lines.
     lines = {p.name: p.read_text() for p in (out / "runs").iterdir()}
     assert main(["evaluate", "--data", str(data), "--split", "file", "--limit", "4", "--head", str(tmp_path / "h.safetensors"),
