@@ -14,7 +14,7 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 # Used verbatim by training, evaluation and the app's examples, so the head sees the prompts it will be used on.
 # Chosen for the default Qwen2.5-Coder pair, wording included: variants that forbid code ("in plain text. Do not
 # write code.") stopped the expert's Python listings but made the 0.5B base open 194 of 200 dev answers with a
-# '####' line and fall to 3 % accuracy (see docs/BENCHMARKS.md), so the instruction stays neutral about code.
+# '####' line and fall to 2.5 % accuracy (see docs/BENCHMARKS.md), so the instruction stays neutral about code.
 INSTRUCTION = ("Solve the problem step by step, briefly. "
                "End with a final line of the form '#### <number>'.")
 
