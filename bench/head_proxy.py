@@ -29,9 +29,11 @@ def main() -> None:
     a = ap.parse_args()
     pair, _ = C.load()
     dev = split(read_jsonl(DEFAULT_DATA), 300)[1][:a.limit]
-    h, z = proxy_features(CoLLM(pair), dev, read_done(Path(a.answers)))
-    res = {"problems": len(dev), "heads": {Path(p).name: proxy_scores(DeferralHead.load(p).p_defer(h.float()).detach(), z)
-                                           for p in a.heads}}
+    x, z = proxy_features(CoLLM(pair), dev, read_done(Path(a.answers)))
+    score = lambda head: head.p_defer(x["h"].float(), conf=x["conf"]).detach()
+    res = {"problems": len(dev), "heads": {Path(p).name: proxy_scores(score(DeferralHead.load(p)), z) for p in a.heads},
+           # the confidence policy's ranking (defer where the base's top probability is lowest), for reference
+           "confidence": proxy_scores(1 - x["conf"][:, 0], z)}
     print(C.write_json("head_proxy.json", {"machine": C.machine(), **res}))
     print(json.dumps(res, indent=1))
 

@@ -35,7 +35,7 @@ def paper_style(dec, ids: list[int], n: int, policy) -> dict:
     seq = list(ids)
     out, deferred, expert_tokens_fed = [], 0, 0
     for i in range(n):
-        p = dec.head.p_defer(h) if dec.head is not None else torch.full((1,), float("nan"))
+        p = dec.head.p_defer(h, logits) if dec.head is not None else torch.full((1,), float("nan"))
         top = torch.softmax(logits.float(), -1).max(-1).values if policy.name == "confidence" else p
         if bool(policy.defer(p, top, rng)[0]):
             full = torch.tensor([seq])  # the whole prefix, every time: no expert cache

@@ -48,8 +48,8 @@ class OverrideHead(torch.nn.Module):
         except AttributeError:
             return getattr(self.inner, name)
 
-    def p_defer(self, h):
-        p = self.inner.p_defer(h)
+    def p_defer(self, h, logits=None, conf=None):
+        p = self.inner.p_defer(h, logits, conf)
         if self.pos in self.override:
             p = torch.full_like(p, self.override[self.pos])
         return p

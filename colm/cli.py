@@ -88,7 +88,8 @@ def cmd_rollouts(args) -> int:
     examples = (train if args.split == "train" else dev)[:args.limit]
     pair, _ = _load(args, need_head=False)
     model = pair.expert if args.model == "expert" else pair.base
-    done = rollout(model, pair.tokenizer, examples, args.out, args.batch_size, args.max_new_tokens, CoLLM(pair).encode)
+    done = rollout(model, pair.tokenizer, examples, args.out, args.batch_size, args.max_new_tokens, CoLLM(pair).encode,
+                   role=args.model)
     ok = sum(done[e.index]["correct"] for e in examples)
     print(f"{len(examples)} answers in {args.out}; {ok / len(examples):.1%} correct")
     return 0

@@ -6,6 +6,7 @@ A ladder of small functions, gpt-fast style:  ``prefill`` -> ``decode_one`` (one
 
 The rule, per generated position t (paper, Sec. 3):
     p_t = sigmoid(head(h_t)),  h_t = base model's final hidden state after x_<t
+                                (a confidence head also reads the base's logits there: colm.head)
     x_t = argmax P_expert(. | x_<t)   if policy defers (Co-LLM: p_t > eta)
           argmax P_base(.   | x_<t)   otherwise
 The expert is fed lazily: tokens it has not seen wait as *pending* and go through it in one forward pass only when
@@ -302,7 +303,7 @@ class CoLLM:
         Returns (tokens [B], deferred [B] bool, p [B], base (probs, ids) [B, k], expert catch-up or None) where the
         catch-up is (first generated position it covers, probs [B, n, k], ids [B, n, k]).
         """
-        p = self.head.p_defer(st.h) if self.head is not None else torch.full(st.h.shape[:1], float("nan"))
+        p = self.head.p_defer(st.h, st.logits) if self.head is not None else torch.full(st.h.shape[:1], float("nan"))
         base_p, base_i = topk_probs(st.logits, self.top_k)
         defer = policy.defer(p.cpu(), base_p[:, 0].cpu(), rng).to(st.ids.device) & active
         token = base_i[:, 0].clone()

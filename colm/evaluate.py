@@ -84,22 +84,21 @@ def teacher_forced_scores(dec: CoLLM, examples: list[Example], answers: dict[int
     ps, lps = [], []
     for s in range(0, len(seqs), batch_size):
         f = features_for_batch(dec.pair, seqs[s:s + batch_size], with_expert=False)
-        ps.append(dec.head.p_defer(f["h"].float()).cpu())
+        ps.append(dec.head.p_defer(f["h"].float(), conf=f["conf"]).cpu())
         lps.append(f["lp_base"])
     return torch.cat(ps), torch.cat(lps).exp()
 
 
 @torch.inference_mode()
 def proxy_features(dec: CoLLM, examples: list[Example], expert_answers: dict[int, dict], batch_size: int = 8):
-    """Along the expert's greedy answers: the base's hidden states [N, H] and whether its argmax differs [N]."""
+    """Along the expert's greedy answers: what the head reads ({"h": [N, H], "conf": [N, 3]}) and whether the
+    base's argmax differs [N]."""
     from .train import features_for_batch, sequences
     seqs = sequences(examples, dec.encode, dec.pair.tokenizer, expert_answers)
-    hs, zs = [], []
-    for s in range(0, len(seqs), batch_size):
-        f = features_for_batch(dec.pair, seqs[s:s + batch_size], with_expert=False)
-        hs.append(f["h"])
-        zs.append((f["arg_base"] != f["target"]).float())
-    return torch.cat(hs), torch.cat(zs)
+    parts = [features_for_batch(dec.pair, seqs[s:s + batch_size], with_expert=False)
+             for s in range(0, len(seqs), batch_size)]
+    x = {k: torch.cat([f[k] for f in parts]) for k in ("h", "conf")}
+    return x, torch.cat([(f["arg_base"] != f["target"]).float() for f in parts])
 
 
 def proxy_scores(p: torch.Tensor, z: torch.Tensor, fractions=(0.1, 0.2, 0.3)) -> dict:
@@ -118,8 +117,8 @@ def disagreement_proxy(dec: CoLLM, examples: list[Example], expert_answers: dict
     """Cheap check of a head without free generation: along the expert's greedy answers, how well does p_defer
     rank the positions where the base would have said something else?  Deferring at exactly those positions
     reproduces the expert's answer, so high recall at a low deferral fraction predicts expert-level accuracy."""
-    h, z = proxy_features(dec, examples, expert_answers, batch_size)
-    return proxy_scores(dec.head.p_defer(h.float()).cpu(), z, fractions)
+    x, z = proxy_features(dec, examples, expert_answers, batch_size)
+    return proxy_scores(dec.head.p_defer(x["h"].float(), conf=x["conf"]).cpu(), z, fractions)
 
 
 def choose(points: list[dict]) -> dict:

@@ -1,7 +1,12 @@
 """The deferral head: one linear map from the base model's final (post-norm) hidden state to a logit.
 
-p_defer = sigmoid(head(h_t)) is the paper's switch variable Z_t.  A head is stored as safetensors with a JSON
-metadata blob (base model identity, hidden size, threshold, training data and metrics); pickle is never used.
+p_defer = sigmoid(head(h_t)) is the paper's switch variable Z_t.  A head may also read three numbers the decoder
+already has at every step, the base's confidence at that position (``confidence_features``): the paper's head sees
+only h_t, but with a frozen base a linear map of h_t cannot express "the base is unsure" (a log-sum-exp over the
+vocabulary), and that alone was a better deferral rule than the hidden-state head on GSM8K dev.
+
+A head is stored as safetensors with a JSON metadata blob (base model identity, hidden size, inputs, threshold,
+training data and metrics); pickle is never used.
 """
 from __future__ import annotations
 
@@ -25,19 +30,35 @@ class HeadMismatchError(ColmError):
 
 SHIPPED_HEAD = Path(__file__).resolve().parent.parent / "assets" / "head-gsm8k.safetensors"
 
+CONFIDENCE_FEATURES = ("top_prob", "entropy", "margin")
+
+
+def confidence_features(logits: torch.Tensor) -> torch.Tensor:
+    """logits [..., V] of the base -> [..., 3] fp32: top probability, entropy (nats), top-1 minus top-2 probability."""
+    logp = logits.float().log_softmax(-1)
+    p = logp.exp()
+    top2 = p.topk(2, dim=-1).values
+    entropy = -(p * logp).sum(-1)
+    return torch.stack([top2[..., 0], entropy, top2[..., 0] - top2[..., 1]], -1)
+
 
 class DeferralHead(torch.nn.Module):
-    def __init__(self, hidden_size: int, meta: dict | None = None):
+    def __init__(self, hidden_size: int, meta: dict | None = None, confidence: bool = False):
         super().__init__()
-        self.linear = torch.nn.Linear(hidden_size, 1)
+        self.linear = torch.nn.Linear(hidden_size + (len(CONFIDENCE_FEATURES) if confidence else 0), 1)
         # Start undecided (p = 0.5 everywhere); ``trained`` tells the UI and CLI to warn until fit() replaces it.
         torch.nn.init.zeros_(self.linear.weight)
         torch.nn.init.zeros_(self.linear.bias)
-        self.meta = {"hidden_size": hidden_size, "trained": False, "threshold": 0.5, **(meta or {})}
+        self.meta = {"hidden_size": hidden_size, "trained": False, "threshold": 0.5, **(meta or {}),
+                     "inputs": ["hidden", *(CONFIDENCE_FEATURES if confidence else ())]}
+
+    @property
+    def uses_confidence(self) -> bool:
+        return len(self.meta["inputs"]) > 1
 
     @property
     def hidden_size(self) -> int:
-        return self.linear.in_features
+        return self.linear.in_features - (len(CONFIDENCE_FEATURES) if self.uses_confidence else 0)
 
     @property
     def threshold(self) -> float:
@@ -51,12 +72,20 @@ class DeferralHead(torch.nn.Module):
     def identity(self) -> str:
         return self.meta.get("name") or ("untrained head" if not self.trained else "deferral head")
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h: [..., H] in any dtype -> logits [...] in fp32 (the head is tiny, so fp32 costs nothing)."""
-        return self.linear(h.to(self.linear.weight.dtype)).squeeze(-1)
+    def forward(self, h: torch.Tensor, logits: torch.Tensor | None = None, conf: torch.Tensor | None = None):
+        """h [..., H] in any dtype, plus for a confidence head the base's logits [..., V] at the same position or
+        their ``confidence_features`` [..., 3] (cached by training) -> logits [...] in fp32 (fp32 costs nothing)."""
+        x = h.to(self.linear.weight.dtype)
+        if self.uses_confidence:
+            if conf is None:
+                if logits is None:
+                    raise ColmError("this deferral head reads the base's confidence: pass the base's logits")
+                conf = confidence_features(logits)
+            x = torch.cat([x, conf.to(x)], -1)
+        return self.linear(x).squeeze(-1)
 
-    def p_defer(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.forward(h))
+    def p_defer(self, h: torch.Tensor, logits: torch.Tensor | None = None, conf: torch.Tensor | None = None):
+        return torch.sigmoid(self.forward(h, logits, conf))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -86,8 +115,17 @@ class DeferralHead(torch.nn.Module):
         w = tensors.get("linear.weight")
         if w is None or w.ndim != 2 or w.shape[0] != 1 or "linear.bias" not in tensors:
             raise ColmError(f"{path} does not hold a deferral head (expected linear.weight [1, H] and linear.bias)")
-        head = cls(w.shape[1], meta)
+        inputs = meta.get("inputs", ["hidden"])
+        if inputs not in (["hidden"], ["hidden", *CONFIDENCE_FEATURES]):
+            raise ColmError(f"{path}: unknown head inputs {inputs!r} (this colm reads hidden [+ {CONFIDENCE_FEATURES}])")
+        confidence = len(inputs) > 1
+        hidden = w.shape[1] - (len(CONFIDENCE_FEATURES) if confidence else 0)
+        if meta.get("hidden_size", hidden) != hidden:
+            raise ColmError(f"{path}: weight width {w.shape[1]} does not match hidden size {meta['hidden_size']} "
+                            f"and inputs {inputs}")
+        head = cls(hidden, meta, confidence)
         head.load_state_dict({"linear.weight": w.float(), "linear.bias": tensors["linear.bias"].float()})
+        head.requires_grad_(False)      # loaded for inference; joint_train switches gradients back on
         thr = head.meta.get("threshold", 0.5)
         if not isinstance(thr, (int, float)) or not math.isfinite(thr) or not 0.0 <= thr <= 1.0:
             raise ColmError(f"{path}: stored threshold {thr!r} is not a number in [0, 1]")

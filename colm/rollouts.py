@@ -47,8 +47,9 @@ def append_records(path: Path, records: list[dict]) -> None:
 
 @torch.inference_mode()
 def rollout(model, tokenizer, examples: list[Example], out: str | Path, batch_size: int = 16,
-            max_new_tokens: int = 256, encode=None, progress: bool = True) -> dict[int, dict]:
-    """Greedy-decode every example not yet in ``out``; append {index, ids, text, correct} per answer.
+            max_new_tokens: int = 256, encode=None, progress: bool = True, role: str | None = None) -> dict[int, dict]:
+    """Greedy-decode every example not yet in ``out``; append {index, ids, text, correct[, model]} per answer
+    (``role``, "base" or "expert", tells training which model's argmax the answer already is).
     Returns the records of ``examples`` only (the file may hold more, e.g. from a larger earlier run).
 
     ``encode(messages) -> ids`` must be the same prompt encoding the decoder uses (``CoLLM.encode``).
@@ -86,7 +87,8 @@ def rollout(model, tokenizer, examples: list[Example], out: str | Path, batch_si
         for e, row in zip(chunk, gen[:, P:].tolist()):
             row = row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))]
             text = tokenizer.decode(row, skip_special_tokens=True)
-            recs.append({"index": e.index, "ids": row, "text": text, "correct": is_correct(text, e.answer)})
+            recs.append({"index": e.index, "ids": row, "text": text, "correct": is_correct(text, e.answer),
+                         **({"model": role} if role else {})})
         append_records(out, recs)
         done.update((r["index"], r) for r in recs)
         if bar:

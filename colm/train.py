@@ -1,7 +1,8 @@
 """Learning the deferral head.
 
-  1. ``extract``: teacher-forced features for every target token — the base's final hidden state, log P(gold)
-     under base and expert, and both argmaxes — computed batched and cached as safetensors shards.
+  1. ``extract``: teacher-forced features for every target token — the base's final hidden state and its
+     confidence there (``colm.head.confidence_features``), log P(gold) under base and expert, and both argmaxes —
+     computed batched and cached as safetensors shards.
   2. ``weak_labels``: Z = 1 where the expert's argmax is the gold token and the base's is not (paper, Sec. 3.2).
   3. ``fit``: either objective, with a held-out split and early stopping:
        marginal      -log[(1 - σ(d)) P_base(x) + σ(d) P_expert(x)]        (the paper's latent-variable objective)
@@ -22,10 +23,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .data import Example, messages
-from .head import DeferralHead
+from .head import DeferralHead, confidence_features
 from .models import ColmError
 
 
@@ -40,10 +42,11 @@ class TrainConfig:
     max_epochs: int = 60
     patience: int = 5                  # epochs without validation improvement before stopping
     seed: int = 0
+    confidence: bool = True            # the head also reads the base's top prob / entropy / margin (colm.head)
 
 
 # ----------------------------------------------------------------------------------------------- features
-FEATURE_KEYS = ("h", "lp_base", "lp_expert", "arg_base", "arg_expert", "target", "example", "pos")
+FEATURE_KEYS = ("h", "conf", "lp_base", "lp_expert", "arg_base", "arg_expert", "target", "example", "pos")
 
 
 def sequences(examples: list[Example], encode, tokenizer, rollouts: dict[int, dict] | None = None,
@@ -65,17 +68,18 @@ def sequences(examples: list[Example], encode, tokenizer, rollouts: dict[int, di
 
 @torch.inference_mode()
 def _gold_stats(model, hidden: torch.Tensor, gold: torch.Tensor, n_vocab: int, chunk: int = 512):
-    """hidden [N, H] (post-norm), gold [N] -> (log P(gold) [N], argmax [N]).
+    """hidden [N, H] (post-norm), gold [N] -> (log P(gold) [N], argmax [N], confidence_features [N, 3]).
 
     log P(gold) = logit[gold] - logsumexp(logits), in chunks: never a full-vocabulary log-softmax kept around.
     """
-    lps, args = [], []
+    lps, args, confs = [], [], []
     for s in range(0, hidden.shape[0], chunk):
         logits = model.lm_head(hidden[s:s + chunk])[:, :n_vocab].float()
         g = gold[s:s + chunk]
         lps.append(logits.gather(1, g[:, None]).squeeze(1) - logits.logsumexp(-1))
         args.append(logits.argmax(-1))
-    return torch.cat(lps), torch.cat(args)
+        confs.append(confidence_features(logits))
+    return torch.cat(lps), torch.cat(args), torch.cat(confs)
 
 
 @torch.inference_mode()
@@ -98,12 +102,12 @@ def features_for_batch(pair, batch: list[tuple[int, list[int], list[int]]], with
     gold = ids[rows_t, cols_t + 1].to(dev)
     ids, mask = ids.to(dev), mask.to(dev)
     hb = pair.base.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[rows_t, cols_t]
-    lp_b, arg_b = _gold_stats(pair.base, hb, gold, n_vocab)
-    out = {"h": hb.to(torch.bfloat16).cpu(), "lp_base": lp_b.cpu(), "arg_base": arg_b.cpu(), "target": gold.cpu(),
-           "example": torch.tensor(ex), "pos": torch.tensor(pos)}
+    lp_b, arg_b, conf = _gold_stats(pair.base, hb, gold, n_vocab)
+    out = {"h": hb.to(torch.bfloat16).cpu(), "conf": conf.cpu(), "lp_base": lp_b.cpu(), "arg_base": arg_b.cpu(),
+           "target": gold.cpu(), "example": torch.tensor(ex), "pos": torch.tensor(pos)}
     if with_expert:
         he = pair.expert.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[rows_t, cols_t]
-        lp_e, arg_e = _gold_stats(pair.expert, he, gold, n_vocab)
+        lp_e, arg_e, _ = _gold_stats(pair.expert, he, gold, n_vocab)
         out["lp_expert"], out["arg_expert"] = lp_e.cpu(), arg_e.cpu()
     else:
         out["lp_expert"] = torch.full_like(lp_b.cpu(), float("nan"))
@@ -156,12 +160,30 @@ def extract(pair, seqs: list, out_dir: str | Path, identity: dict, batch_size: i
             tmp_manifest = manifest_path.with_name("manifest.json.tmp")
             tmp_manifest.write_text(json.dumps(manifest, indent=1))
             os.replace(tmp_manifest, manifest_path)
+        else:
+            _add_confidence(pair, path)
         paths.append(path)
         if bar:
             bar.update(len(chunk))
     if bar:
         bar.close()
     return load_features(paths)
+
+
+def _add_confidence(pair, path: Path) -> None:
+    """Give a shard cached before heads read the base's confidence its ``conf`` rows.  They follow from the stored
+    hidden states alone (bf16, exactly what the base's LM head saw), so this costs one LM-head pass, not a re-run."""
+    with safe_open(str(path), framework="pt") as fh:
+        if "conf" in fh.keys():
+            return
+    t = load_file(str(path))
+    with torch.inference_mode():
+        _, _, t["conf"] = _gold_stats(pair.base, t["h"].to(pair.device, pair.base.dtype), t["target"].to(pair.device),
+                                      len(pair.tokenizer))
+    t["conf"] = t["conf"].cpu().contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(t, str(tmp))
+    os.replace(tmp, path)
 
 
 def load_features(paths: list[Path]) -> dict:
@@ -177,11 +199,12 @@ def weak_labels(f: dict) -> torch.Tensor:
     return ((f["arg_expert"] == f["target"]) & (f["arg_base"] != f["target"])).float()
 
 
-def disagreement_labels(f: dict, objective: str) -> torch.Tensor:
-    """On a rollout the target *is* the expert's token; on gold, compare the two argmaxes."""
-    if objective == "gold-disagreement":
-        return (f["arg_base"] != f["arg_expert"]).float()
-    return (f["arg_base"] != f["target"]).float()
+def disagreement_labels(f: dict) -> torch.Tensor:
+    """Z = 1 where the two models' next-token argmaxes differ: deferring exactly there reproduces the expert's greedy
+    choice.  Along the expert's own greedy answer its argmax *is* the target, so those features skip the expert
+    (arg_expert = -1) and compare with the target; gold prefixes and base answers carry both argmaxes."""
+    has_expert = f["arg_expert"] >= 0
+    return torch.where(has_expert, f["arg_base"] != f["arg_expert"], f["arg_base"] != f["target"]).float()
 
 
 def marginal_nll(d: torch.Tensor, lp_base: torch.Tensor, lp_expert: torch.Tensor) -> torch.Tensor:
@@ -219,6 +242,11 @@ def split_by_example(f: dict, val_fraction: float, seed: int) -> tuple[torch.Ten
     val_ex = ex[torch.randperm(len(ex), generator=g)[:max(1, int(len(ex) * val_fraction))]]
     val = torch.isin(f["example"], val_ex)
     return ~val, val
+
+
+def head_inputs(f: dict, confidence: bool) -> torch.Tensor:
+    """The head's input rows [N, H (+3)] from cached features, in the order ``DeferralHead.forward`` concatenates."""
+    return torch.cat([f["h"].float(), f["conf"]], 1) if confidence else f["h"].float()
 
 
 def _standardise(h: torch.Tensor, train: torch.Tensor):
@@ -265,10 +293,10 @@ def fit(f: dict, cfg: TrainConfig, hidden_size: int, meta: dict | None = None) -
     """Fit a head to cached features under ``cfg.objective``; returns the head and its metrics."""
     if cfg.objective not in ("marginal", "disagreement", "gold-disagreement"):
         raise ColmError(f"unknown objective {cfg.objective!r}")
-    if cfg.objective != "disagreement" and torch.isnan(f["lp_expert"]).any():
-        raise ColmError(f"objective {cfg.objective} needs expert features; extract them with the expert")
+    if cfg.objective == "marginal" and torch.isnan(f["lp_expert"]).any():
+        raise ColmError("objective marginal needs expert features; extract them with the expert")
     train, val = split_by_example(f, cfg.val_fraction, cfg.seed)
-    x, mu, sd = _standardise(f["h"], train)
+    x, mu, sd = _standardise(head_inputs(f, cfg.confidence), train)
     metrics: dict = {"tokens": int(len(x)), "examples": int(f["example"].unique().numel()),
                      "train_tokens": int(train.sum()), "val_tokens": int(val.sum())}
 
@@ -294,7 +322,7 @@ def fit(f: dict, cfg: TrainConfig, hidden_size: int, meta: dict | None = None) -
             metrics[f"{name}_nll_oracle"] = float(-torch.maximum(lb[m], le[m]).mean())
         z = weak_labels(f)
     else:
-        z = disagreement_labels(f, cfg.objective)
+        z = disagreement_labels(f)
         (state, hist), pw = bce_fit(z)
         metrics["pos_weight"] = pw
         with torch.no_grad():
@@ -309,7 +337,8 @@ def fit(f: dict, cfg: TrainConfig, hidden_size: int, meta: dict | None = None) -
     b = state[1] - (w * mu).sum()
     head = DeferralHead(hidden_size, {**(meta or {}), "trained": True, "objective": cfg.objective,
                                       "train_config": asdict(cfg),
-                                      "metrics": {k: v for k, v in metrics.items() if k != "history"}})
+                                      "metrics": {k: v for k, v in metrics.items() if k != "history"}},
+                        confidence=cfg.confidence)
     with torch.no_grad():
         head.linear.weight.copy_(w), head.linear.bias.copy_(b)
     return head, metrics
@@ -324,12 +353,16 @@ def recall_at(d: torch.Tensor, z: torch.Tensor, frac: float) -> dict:
 
 # ----------------------------------------------------------------------------------------------- joint training
 def _token_logprobs(model, hidden: torch.Tensor, gold: torch.Tensor, n_vocab: int, chunk: int = 1024):
-    """Like ``_gold_stats`` but differentiable: log P(gold) [N] from hidden [N, H]."""
-    out = []
+    """Like ``_gold_stats`` but differentiable: (log P(gold) [N], confidence_features [N, 3]) from hidden [N, H].
+
+    The confidence features are detached: the head reads them as inputs, the base is not trained through them."""
+    out, conf = [], []
     for s in range(0, hidden.shape[0], chunk):
         logits = model.lm_head(hidden[s:s + chunk])[:, :n_vocab].float()
         out.append(logits.gather(1, gold[s:s + chunk, None]).squeeze(1) - logits.logsumexp(-1))
-    return torch.cat(out)
+        with torch.no_grad():
+            conf.append(confidence_features(logits))
+    return torch.cat(out), torch.cat(conf)
 
 
 def joint_train(pair, head: DeferralHead, seqs: list, mode: str = "lora", steps: int = 200, lr: float = 1e-4,
@@ -353,7 +386,7 @@ def joint_train(pair, head: DeferralHead, seqs: list, mode: str = "lora", steps:
     else:
         raise ColmError(f"unknown joint mode {mode!r}; use lora or full")
     base.train()
-    head.to(dev).train()
+    head.to(dev).train().requires_grad_(True)
     opt = torch.optim.AdamW([{"params": [p for p in base.parameters() if p.requires_grad], "lr": lr},
                              {"params": head.parameters(), "lr": head_lr}])
     losses = []
@@ -372,10 +405,10 @@ def joint_train(pair, head: DeferralHead, seqs: list, mode: str = "lora", steps:
         gold = ids[r_idx, c_idx + 1]
         with torch.no_grad():
             he = pair.expert.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[r_idx, c_idx]
-            lp_e = _token_logprobs(pair.expert, he, gold, n_vocab)
+            lp_e, _ = _token_logprobs(pair.expert, he, gold, n_vocab)
         hb = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[r_idx, c_idx]
-        lp_b = _token_logprobs(lm, hb, gold, n_vocab)
-        loss = marginal_nll(head(hb), lp_b, lp_e)
+        lp_b, conf = _token_logprobs(lm, hb, gold, n_vocab)
+        loss = marginal_nll(head(hb, conf=conf), lp_b, lp_e)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -396,13 +429,20 @@ def add_arguments(p) -> None:
     p.add_argument("--data", default=None, help="GSM8K-format JSONL (default: ../shared/data/gsm8k/train.jsonl)")
     p.add_argument("--out", required=True, help="where to write the head (.safetensors)")
     p.add_argument("--objective", default="disagreement", choices=["marginal", "disagreement", "gold-disagreement"])
-    p.add_argument("--rollouts", default=None,
-                   help="JSONL of expert greedy answers (from `colm rollouts`), needed by --objective disagreement")
+    p.add_argument("--rollouts", action="append", default=[],
+                   help="JSONL of greedy answers from `colm rollouts` (the expert's or the base's; repeatable), the "
+                        "on-policy data of --objective disagreement")
+    p.add_argument("--with-gold", action="store_true",
+                   help="--objective disagreement: also label the gold solutions (as gold-disagreement does)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many training problems")
     p.add_argument("--dev-size", type=int, default=300, help="problems carved from the data as the dev split (never trained on)")
-    p.add_argument("--features", default=None, help="feature cache directory (default: runs/features-<objective>-<n>)")
+    p.add_argument("--features", default="runs/features",
+                   help="feature cache root: gold solutions in DIR/gold, each rollouts file in DIR/rollouts-<name>")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--init", default="weak", choices=["weak", "none"])
+    p.add_argument("--inputs", default="hidden+confidence", choices=["hidden", "hidden+confidence"],
+                   help="what the head reads: the base's hidden state (the paper) and optionally its top probability, "
+                        "entropy and top-2 margin at the same position")
     p.add_argument("--threshold", type=float, default=0.5, help="threshold stored until `colm evaluate` picks one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--joint", default="none", choices=["none", "lora", "full"],
@@ -410,6 +450,14 @@ def add_arguments(p) -> None:
     p.add_argument("--joint-steps", type=int, default=500)
     p.add_argument("--joint-lr", type=float, default=1e-4)
     p.add_argument("--out-base", default=None, help="with --joint: directory for the fine-tuned base model")
+
+
+def rollout_model(recs: dict[int, dict], path: Path) -> str:
+    """Which model wrote a rollouts file (records name it; files from before they did hold expert answers)."""
+    models = {r.get("model", "expert") for r in recs.values()}
+    if len(models) > 1 or not models <= {"base", "expert"}:
+        raise ColmError(f"{path}: rollouts must all come from one model, base or expert (found {sorted(models)})")
+    return models.pop() if models else "expert"
 
 
 def main(args) -> int:
@@ -423,24 +471,37 @@ def main(args) -> int:
         train_ex = train_ex[:args.limit]
     pair, _ = _load(args, need_head=False)
     enc = CoLLM(pair).encode
-    rollouts = None
-    if args.objective == "disagreement":
-        if not args.rollouts:
-            raise ColmError("--objective disagreement needs --rollouts (expert answers); make them with "
-                            "`python -m colm rollouts` or use --objective gold-disagreement")
-        rollouts = read_done(Path(args.rollouts))
-    eos = pair.tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in pair.tokenizer.get_vocab() else pair.tokenizer.eos_token_id
-    seqs = sequences(train_ex, enc, pair.tokenizer, rollouts, eos)
-    if not seqs:
-        raise ColmError("no training sequences (are the rollouts for this data file?)")
-    with_expert = args.objective != "disagreement"
-    feat_dir = Path(args.features or f"runs/features-{'rollouts' if rollouts else 'gold'}")
-    ident = {"base": pair.base_id, "expert": pair.expert_id if with_expert else None, "data": str(data_path)}
-    f = extract(pair, seqs, feat_dir, ident, batch_size=args.batch_size, with_expert=with_expert)
-    cfg = TrainConfig(objective=args.objective, init=args.init, seed=args.seed)
+    tok = pair.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    root = Path(args.features)
+    sources = []  # (name, sequences, cache directory, run the expert too)
+    if args.objective != "disagreement" or args.with_gold:
+        sources.append(("gold", sequences(train_ex, enc, tok, None, eos), root / "gold", True))
+    if args.objective == "disagreement" and not args.rollouts:
+        raise ColmError("--objective disagreement needs --rollouts (greedy answers); make them with "
+                        "`python -m colm rollouts` or use --objective gold-disagreement")
+    if args.rollouts and args.objective != "disagreement":
+        raise ColmError("--rollouts is for --objective disagreement (add --with-gold to also use the gold solutions)")
+    for path in map(Path, args.rollouts):
+        recs = read_done(path)
+        model = rollout_model(recs, path)
+        # Along the expert's own answers its argmax is the target, so only the base needs a pass; along the
+        # base's, the expert's argmax is the label.
+        sources.append((path.name, sequences(train_ex, enc, tok, recs, eos), root / f"rollouts-{path.stem}",
+                        model == "base"))
+    feats = []
+    for name, seqs, cache, with_expert in sources:
+        if not seqs:
+            raise ColmError(f"no training sequences from {name} (are the rollouts for this data file?)")
+        ident = {"base": pair.base_id, "expert": pair.expert_id if with_expert else None, "data": str(data_path),
+                 "source": name}
+        feats.append(extract(pair, seqs, cache, ident, batch_size=args.batch_size, with_expert=with_expert))
+    f = {k: torch.cat([x[k] for x in feats]) for k in FEATURE_KEYS}
+    seqs = [s for _, src, _, _ in sources for s in src]
+    cfg = TrainConfig(objective=args.objective, init=args.init, seed=args.seed, confidence=args.inputs != "hidden")
     meta = {"base_model": pair.base_id, "expert_model": pair.expert_id, "threshold": args.threshold,
-            "data": {"file": data_path.name, "problems": len(seqs), "dev_size": args.dev_size,
-                     "rollouts": Path(args.rollouts).name if rollouts else None},
+            "data": {"file": data_path.name, "problems": len({i for i, _, _ in seqs}), "dev_size": args.dev_size,
+                     "sources": {name: len(src) for name, src, _, _ in sources}},
             "name": Path(args.out).name}
     head, metrics = fit(f, cfg, pair.base.config.hidden_size, meta)
     if args.joint != "none":

@@ -1,12 +1,13 @@
 import hashlib
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
 
 from colm import models
-from colm.head import DeferralHead, HeadMismatchError, untrained_head
+from colm.head import DeferralHead, HeadMismatchError, confidence_features, untrained_head
 from colm.models import (ChunkedGGUF, ColmError, HashMismatchError, MissingPackageError, TokenizerMismatchError,
                          check_compatible, load_pair)
 
@@ -54,6 +55,47 @@ def test_head_roundtrip_and_metadata(pair, tmp_path):
     x = torch.randn(3, 32)
     assert torch.allclose(g.p_defer(x), torch.sigmoid(h(x)))
     assert not (tmp_path / "h.safetensors").read_bytes().startswith(b"\x80")  # not a pickle
+
+
+def test_confidence_features_on_known_logits():
+    V = 8
+    f = confidence_features(torch.zeros(2, V))                      # uniform
+    assert f[0].tolist() == pytest.approx([1 / V, math.log(V), 0.0], abs=1e-6)
+    sure = torch.full((V,), -1e4)
+    sure[3] = 0.0
+    assert confidence_features(sure).tolist() == pytest.approx([1.0, 0.0, 1.0], abs=1e-6)
+    two = torch.full((V,), -1e4)
+    two[[1, 5]] = 0.0                                                # a coin flip between two tokens
+    assert confidence_features(two).tolist() == pytest.approx([0.5, math.log(2), 0.0], abs=1e-6)
+
+
+def test_confidence_head_roundtrip_and_needs_logits(pair, tmp_path):
+    h = DeferralHead(32, {"trained": True, "base_model": "tiny-base"}, confidence=True)
+    torch.nn.init.normal_(h.linear.weight)
+    assert h.linear.in_features == 35 and h.hidden_size == 32 and h.uses_confidence
+    h.save(tmp_path / "h.safetensors")
+    g = DeferralHead.load(tmp_path / "h.safetensors", pair.base, "tiny-base")
+    assert g.uses_confidence and g.meta["inputs"] == ["hidden", "top_prob", "entropy", "margin"]
+    x, logits = torch.randn(3, 32), torch.randn(3, 50)
+    assert torch.allclose(g.p_defer(x, logits), h.p_defer(x, conf=confidence_features(logits)))
+    # The confidence part is live: the same hidden state with a sure and an unsure base gives different p_defer.
+    assert not torch.allclose(g.p_defer(x, logits * 20), g.p_defer(x, logits))
+    with pytest.raises(ColmError, match="logits"):
+        g.p_defer(x)
+
+
+def test_head_width_that_contradicts_its_inputs_is_refused(tmp_path):
+    from safetensors.torch import save_file
+    meta = {"hidden_size": 32, "inputs": ["hidden", "top_prob", "entropy", "margin"], "trained": True}
+    save_file({"linear.weight": torch.zeros(1, 32), "linear.bias": torch.zeros(1)}, str(tmp_path / "h.safetensors"),
+              metadata={"colm": json.dumps(meta)})
+    with pytest.raises(ColmError, match="does not match"):
+        DeferralHead.load(tmp_path / "h.safetensors")
+    meta["inputs"] = ["hidden", "logits"]
+    save_file({"linear.weight": torch.zeros(1, 32), "linear.bias": torch.zeros(1)}, str(tmp_path / "h.safetensors"),
+              metadata={"colm": json.dumps(meta)})
+    with pytest.raises(ColmError, match="unknown head inputs"):
+        DeferralHead.load(tmp_path / "h.safetensors")
 
 
 def test_head_hidden_size_mismatch_is_refused(pair, tmp_path):

@@ -1,6 +1,8 @@
 """Learning test on hand-built bigram models: the expert is right and the base wrong on one known class of
 tokens, so a head that learned anything must defer exactly there."""
 
+import json
+
 import pytest
 import torch
 
@@ -12,9 +14,9 @@ from colm.train import TrainConfig, auc, extract, fit, marginal_nll, split_by_ex
 SPECIALS = 3  # ids 0..2 are <|endoftext|>, <|im_start|>, <|im_end|> in the conftest tokenizer
 
 
-def bigram_model(tok, table: dict[int, int], hidden: int, scale: float = 1.0):
+def bigram_model(tok, table: dict[int, int], hidden: int, scale: float | dict = 1.0):
     """A Qwen2 whose blocks are silenced (zero output projections), so the final hidden state is the current
-    token's one-hot embedding and the LM head is a lookup table current -> next."""
+    token's one-hot embedding and the LM head is a lookup table current -> next (``scale``: how sure, per token)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     V = len(tok)
     cfg = Qwen2Config(vocab_size=V, hidden_size=hidden, intermediate_size=8, num_hidden_layers=1,
@@ -29,7 +31,7 @@ def bigram_model(tok, table: dict[int, int], hidden: int, scale: float = 1.0):
         m.model.layers[0].post_attention_layernorm.weight.fill_(1.0)
         m.model.embed_tokens.weight[torch.arange(V), torch.arange(V)] = 1.0
         for cur, nxt in table.items():
-            m.lm_head.weight[nxt, cur] = scale
+            m.lm_head.weight[nxt, cur] = scale[cur] if isinstance(scale, dict) else scale
     m.requires_grad_(False)
     return m
 
@@ -57,17 +59,24 @@ def bigram(tok):
     return pair, seqs, hard
 
 
+def current_tokens(seqs) -> torch.Tensor:
+    """The input token at every target position, in feature order."""
+    return torch.tensor([([p[-1]] + t[:-1])[k] for _, p, t in seqs for k in range(len(t))])
+
+
+@pytest.mark.parametrize("confidence", [False, True], ids=["hidden", "hidden+confidence"])
 @pytest.mark.parametrize("objective", ["marginal", "gold-disagreement"])
-def test_head_learns_to_defer_on_the_hard_class(bigram, tmp_path, objective):
+def test_head_learns_to_defer_on_the_hard_class(bigram, tmp_path, objective, confidence):
     pair, seqs, hard = bigram
     f = extract(pair, seqs, tmp_path / "feats", {"base": "b", "expert": "e"}, batch_size=8, progress=False)
-    current = torch.tensor([([p[-1]] + t[:-1])[k] for _, p, t in seqs for k in range(len(t))])
+    current = current_tokens(seqs)
     # Sanity: the synthetic pair behaves as designed on the gold text.
     z = weak_labels(f)
     assert torch.equal(z.bool(), torch.isin(current, torch.tensor(sorted(hard))))
-    head, metrics = fit(f, TrainConfig(objective=objective, max_epochs=40, lr=5e-2), pair.base.config.hidden_size,
-                        {"base_model": "bigram-base"})
-    p = head.p_defer(f["h"].float())
+    head, metrics = fit(f, TrainConfig(objective=objective, max_epochs=40, lr=5e-2, confidence=confidence),
+                        pair.base.config.hidden_size, {"base_model": "bigram-base"})
+    assert head.uses_confidence == confidence
+    p = head.p_defer(f["h"].float(), conf=f["conf"])
     # One-hot hidden states cannot generalise to a token never seen in training: judge the tokens it saw.
     train_mask, _ = split_by_example(f, 0.1, 0)
     seen = torch.isin(current, current[train_mask])
@@ -89,6 +98,56 @@ def test_head_learns_to_defer_on_the_hard_class(bigram, tmp_path, objective):
     exp = dec.generate(pair.tokenizer.decode(prompt), policy=Policy("expert"), max_new_tokens=20, chat=False)
     assert tr.token_ids == exp.token_ids
     assert 0 < tr.deferral_rate < 0.5
+
+
+def test_confidence_head_defers_on_unseen_tokens_where_the_base_is_unsure(tok, tmp_path):
+    """One-hot hidden states say nothing about a token never seen in training; the base's own uncertainty does.
+    The base is right but unsure on the hard class and the expert is sure, so the head must learn "defer when the
+    base is unsure" and apply it to hard tokens it never saw.  A hidden-state-only head cannot."""
+    V, span = len(tok), len(tok) - SPECIALS
+    gold = {i: SPECIALS + (i * 7 + 3) % span for i in range(V)}
+    hard = {i for i in range(SPECIALS, V) if i % 3 == 0}
+    wrong = {i: SPECIALS + (gold[i] - SPECIALS + 1) % span for i in range(V)}
+    # base: sure and right on easy tokens; on hard ones it has no preference at all (argmax is arbitrary)
+    base_table = {i: gold[i] for i in range(V) if i not in hard}
+    hidden = ((V + 3) // 4) * 4
+    pair = Pair(bigram_model(tok, base_table, hidden, scale=8.0), bigram_model(tok, gold, hidden, scale=8.0), tok,
+                "b", "e")
+    tokens = list(range(SPECIALS, V))
+    g = torch.Generator().manual_seed(0)
+    tokens = [tokens[i] for i in torch.randperm(len(tokens), generator=g)]
+    seen, unseen = set(tokens[: len(tokens) // 2]), set(tokens[len(tokens) // 2:])
+    # Sequences of (current, gold next) pairs whose current tokens are all in ``seen``.
+    seqs = [(n, [c], [gold[c]]) for n, c in enumerate(sorted(seen))]
+    f_train = extract(pair, seqs, tmp_path / "train", {"base": "b"}, progress=False)
+    heads = {c: fit(f_train, TrainConfig(objective="gold-disagreement", val_fraction=0.2, lr=5e-2, max_epochs=60,
+                                         confidence=c), hidden)[0] for c in (False, True)}
+    test = [(n, [c], [gold[c]]) for n, c in enumerate(sorted(unseen))]
+    f_test = extract(pair, test, tmp_path / "test", {"base": "b"}, progress=False)
+    on = torch.isin(current_tokens(test), torch.tensor(sorted(hard)))
+    assert on.any() and (~on).any()
+    p = heads[True].p_defer(f_test["h"].float(), conf=f_test["conf"])
+    assert (p[on] > 0.5).all() and (p[~on] < 0.5).all()
+    q = heads[False].p_defer(f_test["h"].float())
+    assert auc(q, on.float()) < 0.8 < auc(p, on.float())
+
+
+def test_decoder_and_training_see_the_same_confidence_features(pair, tmp_path):
+    """The head reads the base's confidence from the decode loop's logits at run time and from cached teacher-
+    forced features at training time: both paths must give the same p_defer for the same tokens."""
+    from colm.head import DeferralHead
+    from colm.train import features_for_batch
+    torch.manual_seed(0)
+    head = DeferralHead(pair.base.config.hidden_size, {"trained": True}, confidence=True)
+    torch.nn.init.normal_(head.linear.weight)
+    with torch.no_grad():
+        head.linear.weight[0, -3:] = torch.tensor([4.0, -2.0, 3.0])
+    dec = CoLLM(pair, head)
+    tr = dec.generate("Natalia sold 48 clips", policy=Policy("colm", threshold=0.5), max_new_tokens=12, chat=False)
+    prompt = dec.encode("Natalia sold 48 clips", chat=False)
+    f = features_for_batch(pair, [(0, prompt, tr.token_ids)], with_expert=False)
+    p = head.p_defer(f["h"].float(), conf=f["conf"])
+    assert p.tolist() == pytest.approx([s.p_defer for s in tr.steps], abs=2e-3)
 
 
 def test_untrained_fit_is_not_trained_head(pair):
@@ -205,3 +264,58 @@ def test_rollouts_resume_and_return_only_requested(pair, tmp_path):
     tr = dec.generate([{"role": "user", "content": ex[4].question + "\n\n" + __import__("colm").data.INSTRUCTION}],
                       policy=Policy("base"), max_new_tokens=6)
     assert again[4]["ids"] == tr.token_ids[:len(again[4]["ids"])]
+
+
+def test_disagreement_labels_compare_argmaxes_and_fall_back_to_the_target():
+    from colm.train import disagreement_labels
+    f = {"arg_base": torch.tensor([5, 5, 7, 7]), "arg_expert": torch.tensor([5, 6, -1, -1]),
+         "target": torch.tensor([9, 9, 7, 8])}
+    # rows 0-1 carry the expert's argmax (gold / base answers); rows 2-3 are the expert's own answer (target).
+    assert disagreement_labels(f).tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+def gsm_file(path, n):
+    path.write_text("".join(json.dumps({"question": f"Tom has {i} apples and buys {i + 1} more. How many?",
+                                        "answer": f"{i}+{i + 1} = <<{i}+{i + 1}={2 * i + 1}>>{2 * i + 1}\n#### {2 * i + 1}"})
+                            + "\n" for i in range(n)))
+    return path
+
+
+def test_train_cli_on_base_rollouts_with_gold(pair_dirs, tmp_path):
+    """`colm rollouts --model base` then `colm train --objective disagreement --rollouts ... --with-gold`: both
+    sources are cached separately, labelled by the argmax rule, and named in the head's metadata."""
+    from colm.cli import main
+    from colm.head import DeferralHead
+    from colm.rollouts import read_done
+    data = gsm_file(tmp_path / "gsm.jsonl", 14)
+    models = ["--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"), "--dtype", "fp32"]
+    roll = tmp_path / "base-train.jsonl"
+    assert main(["rollouts", "--model", "base", "--data", str(data), "--dev-size", "4", "--limit", "6",
+                 "--max-new-tokens", "8", "--batch-size", "3", "--out", str(roll), *models]) == 0
+    recs = read_done(roll)
+    assert len(recs) == 6 and {r["model"] for r in recs.values()} == {"base"}
+    out = tmp_path / "h.safetensors"
+    feats = tmp_path / "feats"
+    assert main(["train", "--data", str(data), "--dev-size", "4", "--objective", "disagreement", "--rollouts", str(roll),
+                 "--with-gold", "--features", str(feats), "--out", str(out), *models]) == 0
+    assert sorted(p.name for p in feats.iterdir()) == ["gold", "rollouts-base-train"]
+    head = DeferralHead.load(out)
+    assert head.trained and head.uses_confidence and head.meta["objective"] == "disagreement"
+    assert head.meta["data"]["sources"] == {"gold": 10, "base-train.jsonl": 6}
+    assert head.meta["data"]["problems"] == 10
+    # The base's own answers are labelled against the expert's argmax: those features ran the expert.
+    from colm.train import load_features
+    f = load_features(sorted((feats / "rollouts-base-train").glob("shard-*.safetensors")))
+    assert (f["arg_expert"] >= 0).all() and torch.equal(f["arg_base"], f["target"])
+
+
+def test_train_cli_refuses_mixed_rollouts(pair_dirs, tmp_path, capsys):
+    from colm.cli import main
+    data = gsm_file(tmp_path / "gsm.jsonl", 8)
+    roll = tmp_path / "r.jsonl"
+    roll.write_text(json.dumps({"index": 0, "ids": [5, 6], "text": "x", "correct": False, "model": "base"}) + "\n"
+                    + json.dumps({"index": 1, "ids": [5, 6], "text": "x", "correct": False}) + "\n")
+    assert main(["train", "--data", str(data), "--dev-size", "2", "--objective", "disagreement", "--rollouts", str(roll),
+                 "--out", str(tmp_path / "h.safetensors"), "--base", str(pair_dirs / "base"),
+                 "--expert", str(pair_dirs / "expert"), "--dtype", "fp32"]) == 2
+    assert "one model" in capsys.readouterr().err
