@@ -45,9 +45,12 @@ ABOUT = r"""
 the next token to a larger *expert* model instead.
 
 Before each token the base model has a hidden state $h_t$ (its last layer, after reading everything so far).
-A single learned vector $w$ — the *deferral head* — turns it into a probability of deferring:
+A learned linear map — the *deferral head* — turns it into a probability of deferring:
 
-$$p_{\text{defer}} = \sigma(w \cdot h_t)$$
+$$p_{\text{defer}} = \sigma(w \cdot h_t + v \cdot c_t + b)$$
+
+where $c_t$ is how sure the base is about its next token (its top probability, entropy and top-2 margin).
+The paper's head reads $h_t$ only; with a frozen base, adding $c_t$ made the shipped head much better.
 
 The token comes from the expert if $p_{\text{defer}} > \eta$ and from the base model otherwise; $\eta$ is the
 threshold slider.  Lower $\eta$ means more expert tokens: better answers, more expert compute.
@@ -55,7 +58,7 @@ threshold slider.  Lower $\eta$ means more expert tokens: better answers, more e
 **Training.**  Nobody labels which tokens need help.  The head is fit by treating the choice as a latent variable
 and maximising the likelihood of correct answers under the mixture of the two models:
 
-$$\mathcal{L} = -\sum_t \log\Big[(1-\sigma(d_t))\,P_{\text{base}}(x_t \mid x_{<t}) + \sigma(d_t)\,P_{\text{expert}}(x_t \mid x_{<t})\Big],\qquad d_t = w\cdot h_t$$
+$$\mathcal{L} = -\sum_t \log\Big[(1-\sigma(d_t))\,P_{\text{base}}(x_t \mid x_{<t}) + \sigma(d_t)\,P_{\text{expert}}(x_t \mid x_{<t})\Big],\qquad d_t = w\cdot h_t + v\cdot c_t + b$$
 
 so the head learns to defer exactly where the expert is much more likely to produce the right token.
 With the base frozen (as here, on a CPU) a simpler label worked better: the shipped head is a logistic

@@ -432,6 +432,8 @@ def add_arguments(p) -> None:
     p.add_argument("--rollouts", action="append", default=[],
                    help="JSONL of greedy answers from `colm rollouts` (the expert's or the base's; repeatable), the "
                         "on-policy data of --objective disagreement")
+    p.add_argument("--rollout-limit", type=int, default=None,
+                   help="use the rollouts of the first N training problems only (gold keeps --limit)")
     p.add_argument("--with-gold", action="store_true",
                    help="--objective disagreement: also label the gold solutions (as gold-disagreement does)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many training problems")
@@ -453,11 +455,13 @@ def add_arguments(p) -> None:
 
 
 def rollout_model(recs: dict[int, dict], path: Path) -> str:
-    """Which model wrote a rollouts file (records name it; files from before they did hold expert answers)."""
-    models = {r.get("model", "expert") for r in recs.values()}
-    if len(models) > 1 or not models <= {"base", "expert"}:
-        raise ColmError(f"{path}: rollouts must all come from one model, base or expert (found {sorted(models)})")
-    return models.pop() if models else "expert"
+    """Which model wrote a rollouts file.  Every record must say: guessing would silently flip what the labels mean
+    (along the base's answers the base's argmax is the text, so "disagreement" would be nearly always 0)."""
+    models = {r.get("model") for r in recs.values()}
+    if len(models) != 1 or not models <= {"base", "expert"}:
+        raise ColmError(f"{path}: every rollout record must name its model, and one model, base or expert (found "
+                        f"{sorted(map(str, models))}); `python -m colm rollouts` writes that field")
+    return models.pop()
 
 
 def main(args) -> int:
@@ -484,6 +488,8 @@ def main(args) -> int:
         raise ColmError("--rollouts is for --objective disagreement (add --with-gold to also use the gold solutions)")
     for path in map(Path, args.rollouts):
         recs = read_done(path)
+        if args.rollout_limit is not None:
+            recs = {e.index: recs[e.index] for e in train_ex[:args.rollout_limit] if e.index in recs}
         model = rollout_model(recs, path)
         # Along the expert's own answers its argmax is the target, so only the base needs a pass; along the
         # base's, the expert's argmax is the label.

@@ -28,8 +28,13 @@ def test_shipped_head_metadata_records_its_training_and_dev_evidence(shipped):
         assert dev[key]["n"] == dev["n_examples"] and 0.0 <= dev[key]["accuracy"] <= 1.0
     assert 0.0 < dev["chosen"]["deferral"] < 1.0
     assert dev["random"] and dev["random"][0]["n"] == dev["n_examples"]
+    # A head that learned nothing must not ship as if it had: on its own dev evidence it beats random deferral at
+    # (about) the same frequency.
+    rnd = dev["random"][0]
+    assert abs(rnd["deferral"] - dev["chosen"]["deferral"]) < 0.05
+    assert dev["chosen"]["accuracy"] > rnd["accuracy"]
 
 
 def test_shipped_head_scores_are_probabilities(shipped):
-    p = shipped.p_defer(torch.randn(64, 896))
+    p = shipped.p_defer(torch.randn(64, 896), torch.randn(64, 151665) * 3)
     assert p.shape == (64,) and bool(((p >= 0) & (p <= 1)).all()) and float(p.std()) > 0

@@ -309,12 +309,14 @@ def test_train_cli_on_base_rollouts_with_gold(pair_dirs, tmp_path):
     assert (f["arg_expert"] >= 0).all() and torch.equal(f["arg_base"], f["target"])
 
 
-def test_train_cli_refuses_mixed_rollouts(pair_dirs, tmp_path, capsys):
+@pytest.mark.parametrize("models", [("base", None), (None, None), ("base", "expert"), ("gpt", "gpt")],
+                         ids=["mixed", "unnamed", "two-models", "unknown"])
+def test_train_cli_refuses_rollouts_without_one_named_model(pair_dirs, tmp_path, capsys, models):
     from colm.cli import main
     data = gsm_file(tmp_path / "gsm.jsonl", 8)
     roll = tmp_path / "r.jsonl"
-    roll.write_text(json.dumps({"index": 0, "ids": [5, 6], "text": "x", "correct": False, "model": "base"}) + "\n"
-                    + json.dumps({"index": 1, "ids": [5, 6], "text": "x", "correct": False}) + "\n")
+    roll.write_text("".join(json.dumps({"index": i, "ids": [5, 6], "text": "x", "correct": False,
+                                        **({"model": m} if m else {})}) + "\n" for i, m in enumerate(models)))
     assert main(["train", "--data", str(data), "--dev-size", "2", "--objective", "disagreement", "--rollouts", str(roll),
                  "--out", str(tmp_path / "h.safetensors"), "--base", str(pair_dirs / "base"),
                  "--expert", str(pair_dirs / "expert"), "--dtype", "fp32"]) == 2
