@@ -93,12 +93,12 @@ def teacher_forced_scores(dec: CoLLM, examples: list[Example], answers: dict[int
 def proxy_features(dec: CoLLM, examples: list[Example], expert_answers: dict[int, dict], batch_size: int = 8):
     """Along the expert's greedy answers: what the head reads ({"h": [N, H], "conf": [N, 3]}) and whether the
     base's argmax differs [N]."""
-    from .train import features_for_batch, sequences
+    from .train import disagreement_labels, features_for_batch, sequences
     seqs = sequences(examples, dec.encode, dec.pair.tokenizer, expert_answers)
     parts = [features_for_batch(dec.pair, seqs[s:s + batch_size], with_expert=False)
              for s in range(0, len(seqs), batch_size)]
     x = {k: torch.cat([f[k] for f in parts]) for k in ("h", "conf")}
-    return x, torch.cat([(f["arg_base"] != f["target"]).float() for f in parts])
+    return x, torch.cat([disagreement_labels(f) for f in parts])   # the expert's argmax is the target here
 
 
 def proxy_scores(p: torch.Tensor, z: torch.Tensor, fractions=(0.1, 0.2, 0.3)) -> dict:

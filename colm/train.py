@@ -67,10 +67,12 @@ def sequences(examples: list[Example], encode, tokenizer, rollouts: dict[int, di
 
 
 @torch.inference_mode()
-def _gold_stats(model, hidden: torch.Tensor, gold: torch.Tensor, n_vocab: int, chunk: int = 512):
-    """hidden [N, H] (post-norm), gold [N] -> (log P(gold) [N], argmax [N], confidence_features [N, 3]).
+def _gold_stats(model, hidden: torch.Tensor, gold: torch.Tensor, n_vocab: int, chunk: int = 512,
+                conf: bool = True):
+    """hidden [N, H] (post-norm), gold [N] -> (log P(gold) [N], argmax [N], confidence_features [N, 3] or None).
 
     log P(gold) = logit[gold] - logsumexp(logits), in chunks: never a full-vocabulary log-softmax kept around.
+    Only the base's confidence is a head input, so the expert's call passes ``conf=False`` and skips its softmax.
     """
     lps, args, confs = [], [], []
     for s in range(0, hidden.shape[0], chunk):
@@ -78,8 +80,9 @@ def _gold_stats(model, hidden: torch.Tensor, gold: torch.Tensor, n_vocab: int, c
         g = gold[s:s + chunk]
         lps.append(logits.gather(1, g[:, None]).squeeze(1) - logits.logsumexp(-1))
         args.append(logits.argmax(-1))
-        confs.append(confidence_features(logits))
-    return torch.cat(lps), torch.cat(args), torch.cat(confs)
+        if conf:
+            confs.append(confidence_features(logits))
+    return torch.cat(lps), torch.cat(args), torch.cat(confs) if conf else None
 
 
 @torch.inference_mode()
@@ -107,7 +110,7 @@ def features_for_batch(pair, batch: list[tuple[int, list[int], list[int]]], with
            "target": gold.cpu(), "example": torch.tensor(ex), "pos": torch.tensor(pos)}
     if with_expert:
         he = pair.expert.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[rows_t, cols_t]
-        lp_e, arg_e, _ = _gold_stats(pair.expert, he, gold, n_vocab)
+        lp_e, arg_e, _ = _gold_stats(pair.expert, he, gold, n_vocab, conf=False)
         out["lp_expert"], out["arg_expert"] = lp_e.cpu(), arg_e.cpu()
     else:
         out["lp_expert"] = torch.full_like(lp_b.cpu(), float("nan"))
@@ -352,17 +355,19 @@ def recall_at(d: torch.Tensor, z: torch.Tensor, frac: float) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- joint training
-def _token_logprobs(model, hidden: torch.Tensor, gold: torch.Tensor, n_vocab: int, chunk: int = 1024):
-    """Like ``_gold_stats`` but differentiable: (log P(gold) [N], confidence_features [N, 3]) from hidden [N, H].
-
-    The confidence features are detached: the head reads them as inputs, the base is not trained through them."""
-    out, conf = [], []
+def _token_logprobs(model, hidden: torch.Tensor, gold: torch.Tensor, n_vocab: int, chunk: int = 1024,
+                    conf: bool = True):
+    """Like ``_gold_stats`` but differentiable: (log P(gold) [N], confidence_features [N, 3] or None) from hidden
+    [N, H].  The confidence features are detached: the head reads them as inputs, the base is not trained through
+    them; the expert's call skips them (``conf=False``)."""
+    out, confs = [], []
     for s in range(0, hidden.shape[0], chunk):
         logits = model.lm_head(hidden[s:s + chunk])[:, :n_vocab].float()
         out.append(logits.gather(1, gold[s:s + chunk, None]).squeeze(1) - logits.logsumexp(-1))
-        with torch.no_grad():
-            conf.append(confidence_features(logits))
-    return torch.cat(out), torch.cat(conf)
+        if conf:
+            with torch.no_grad():
+                confs.append(confidence_features(logits))
+    return torch.cat(out), torch.cat(confs) if conf else None
 
 
 def joint_train(pair, head: DeferralHead, seqs: list, mode: str = "lora", steps: int = 200, lr: float = 1e-4,
@@ -405,7 +410,7 @@ def joint_train(pair, head: DeferralHead, seqs: list, mode: str = "lora", steps:
         gold = ids[r_idx, c_idx + 1]
         with torch.no_grad():
             he = pair.expert.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[r_idx, c_idx]
-            lp_e, _ = _token_logprobs(pair.expert, he, gold, n_vocab)
+            lp_e, _ = _token_logprobs(pair.expert, he, gold, n_vocab, conf=False)
         hb = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[r_idx, c_idx]
         lp_b, conf = _token_logprobs(lm, hb, gold, n_vocab)
         loss = marginal_nll(head(hb, conf=conf), lp_b, lp_e)
