@@ -121,17 +121,25 @@ def disagreement_proxy(dec: CoLLM, examples: list[Example], expert_answers: dict
     return proxy_scores(dec.head.p_defer(x["h"].float(), conf=x["conf"]).cpu(), z, fractions)
 
 
-def choose(points: list[dict]) -> dict:
-    """Best accuracy; ties go to the lower deferral frequency (cheaper)."""
-    return max(points, key=lambda r: (r["accuracy"], -r["deferral"]))
+def choose(points: list[dict], max_deferral: float | None = None) -> dict:
+    """Best accuracy among the points that defer at most ``max_deferral`` (a cost budget: the expert's share of
+    the tokens); ties go to the lower deferral frequency (cheaper)."""
+    ok = [r for r in points if max_deferral is None or r["deferral"] <= max_deferral]
+    if not ok:
+        raise ColmError(f"no threshold defers at most {max_deferral:.0%} of tokens (lowest: "
+                        f"{min(r['deferral'] for r in points):.1%}); add a smaller deferral fraction to the sweep")
+    return max(ok, key=lambda r: (r["accuracy"], -r["deferral"]))
 
 
 def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS, sweep_examples=None,
              thresholds: list[float] | None = None, batch_size: int = 16, max_new_tokens: int = 256,
-             baselines: bool = True, on_update=None, baseline_rate: float | None = None) -> dict:
+             baselines: bool = True, on_update=None, baseline_rate: float | None = None,
+             max_deferral: float | None = None, random_rates=()) -> dict:
     """Sweep (or take) thresholds, pick the best on ``sweep_examples``, then evaluate it and the baselines on all
     ``examples``: base-only, expert-only, random and confidence deferral at the chosen point's frequency (or at
     ``baseline_rate``, which lets those two run in parallel with the Co-LLM decode and be picked up from their files).
+    ``max_deferral`` restricts the choice to points within that budget; ``random_rates`` adds random deferral at
+    those frequencies too, for the random curve of the paper's plot.
     ``on_update(results)`` is called after every stage, so a long run leaves partial results behind."""
     on_update = on_update or (lambda r: None)
     runs = out / "runs"
@@ -151,23 +159,30 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
     p, top = teacher_forced_scores(dec, sweep_examples, base)
     if thresholds is None:
         thresholds = quantile_thresholds(p, fractions)
+    def colm(thr: float, exs: list[Example]) -> dict:
+        if thr >= 1.0:
+            # p_defer ≤ 1 never exceeds η = 1: the base-only tokens (tested), so the base's decode stands in.
+            return {"threshold": thr, **summarize({e.index: base[e.index] for e in exs}, "base"), "expert_calls": 0}
+        recs = run_policy(dec, exs, Policy("colm", threshold=thr), runs / f"colm-{thr:.6f}.jsonl", batch_size,
+                          max_new_tokens)
+        return {"threshold": thr, **summarize(recs)}
+
     results["colm"], results["random"] = [], []
     for thr in thresholds:
-        recs = run_policy(dec, sweep_examples, Policy("colm", threshold=thr), runs / f"colm-{thr:.6f}.jsonl",
-                          batch_size, max_new_tokens)
-        results["colm"].append({"threshold": thr, **summarize(recs)})
+        results["colm"].append(colm(thr, sweep_examples))
         on_update(results)
-    chosen = choose(results["colm"])
-    final = run_policy(dec, examples, Policy("colm", threshold=chosen["threshold"]),
-                       runs / f"colm-{chosen['threshold']:.6f}.jsonl", batch_size, max_new_tokens)
-    results["chosen"] = {"threshold": chosen["threshold"], **summarize(final)}
+    chosen = choose(results["colm"], max_deferral)
+    if max_deferral is not None:
+        results["max_deferral"] = max_deferral
+    results["chosen"] = colm(chosen["threshold"], examples)
     on_update(results)
     if baselines:
         f = round(results["chosen"]["deferral"] if baseline_rate is None else baseline_rate, 3)
-        rnd = run_policy(dec, examples, Policy("random", rate=f, seed=0), runs / f"random-{f:.3f}.jsonl",
-                         batch_size, max_new_tokens)
-        results["random"].append({"rate": f, **summarize(rnd)})
-        on_update(results)
+        for rate in sorted({f, *(round(r, 3) for r in random_rates)}):
+            rnd = run_policy(dec, examples, Policy("random", rate=rate, seed=0), runs / f"random-{rate:.3f}.jsonl",
+                             batch_size, max_new_tokens)
+            results["random"].append({"rate": rate, **summarize(rnd)})
+            on_update(results)
         # The confidence policy's cut-off giving the same share of tokens along the base's answers.  The file is
         # named by that share, not by the cut-off, so a rerun whose teacher-forced pass rounds differently (another
         # thread count) still finds it.
@@ -195,14 +210,34 @@ def add_arguments(p) -> None:
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--baseline-rate", type=float, default=None,
                    help="deferral frequency for the random and confidence baselines (default: the chosen point's)")
+    p.add_argument("--max-deferral", type=float, default=None,
+                   help="choose the best threshold among those deferring at most this share of tokens (a budget)")
+    p.add_argument("--random-rates", default=None,
+                   help="comma-separated extra deferral frequencies for the random baseline (its curve)")
     p.add_argument("--write-threshold", action="store_true", help="store the chosen threshold in the head file")
+
+
+def _fractions(text: str, flag: str) -> list[float]:
+    """Comma-separated shares in [0, 1], or a clean error naming the flag."""
+    try:
+        out = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ColmError(f"{flag} takes comma-separated numbers in [0, 1], got {text!r}") from None
+    if not all(0.0 <= x <= 1.0 for x in out):
+        raise ColmError(f"{flag} must be in [0, 1], got {text}")
+    return out
 
 
 def main(args) -> int:
     from .cli import _load
     from .data import DEFAULT_DATA, read_jsonl, split
-    if args.baseline_rate is not None and not 0.0 <= args.baseline_rate <= 1.0:
-        raise ColmError(f"--baseline-rate must be in [0, 1], got {args.baseline_rate}")
+    # Checked before the models load (a minute), so a typo fails at once.
+    for flag, value in (("--baseline-rate", args.baseline_rate), ("--max-deferral", args.max_deferral)):
+        if value is not None:
+            _fractions(str(value), flag)
+    random_rates = _fractions(args.random_rates, "--random-rates") if args.random_rates else []
+    fractions = _fractions(args.fractions, "--fractions")
+    thresholds = _fractions(args.thresholds, "--thresholds") if args.thresholds else None   # η is a probability
     data = Path(args.data) if args.data else DEFAULT_DATA
     rows = read_jsonl(data)
     examples = split(rows, args.dev_size)[1] if args.split == "dev" else rows
@@ -212,8 +247,6 @@ def main(args) -> int:
         raise ColmError("evaluate needs a trained head (--head PATH)")
     dec = CoLLM(pair, head)
     sweep = examples[:args.sweep_limit] if args.sweep_limit else examples
-    fractions = [float(x) for x in args.fractions.split(",")]
-    thresholds = [float(x) for x in args.thresholds.split(",")] if args.thresholds else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -224,7 +257,8 @@ def main(args) -> int:
         os.replace(tmp, out / "results.json")
 
     res = evaluate(dec, examples, out, fractions, sweep, thresholds, args.batch_size, args.max_new_tokens,
-                   not args.no_baselines, on_update=save, baseline_rate=args.baseline_rate)
+                   not args.no_baselines, on_update=save, baseline_rate=args.baseline_rate,
+                   max_deferral=args.max_deferral, random_rates=random_rates)
     save(res)
     from .viz import curve_figure
     curve_figure(res).write_html(str(out / "curve.html"), include_plotlyjs=True)
@@ -234,7 +268,8 @@ def main(args) -> int:
             from .cli import SHIPPED_HEAD
             head_path = SHIPPED_HEAD
         head.meta["threshold"] = res["chosen"]["threshold"]
-        keep = ("n_examples", "max_new_tokens", "base", "expert", "chosen", "random", "confidence", "proxy")
+        keep = ("n_examples", "max_new_tokens", "max_deferral", "base", "expert", "chosen", "colm", "random",
+                "confidence", "proxy")
         head.meta.setdefault("metrics", {})["dev"] = {k: res[k] for k in keep if k in res}
         head.save(head_path)
     print(json.dumps({k: res[k] for k in ("base", "expert", "chosen", "random", "confidence") if k in res}, indent=1))

@@ -182,6 +182,11 @@ def curve_figure(results: dict) -> go.Figure:
         if ref and ref.get("accuracy") is not None:
             fig.add_trace(go.Scatter(x=[0, 1], y=[ref["accuracy"]] * 2, name=f"{name} ({ref['accuracy']:.1%})",
                                      mode="lines", line=dict(color=color, dash=dash, width=1.5), hoverinfo="name"))
+    budget = results.get("max_deferral")
+    if budget is not None:   # the choice was restricted to points left of this line
+        fig.add_vline(x=budget, line=dict(color=THRESHOLD_COLOR, dash="dashdot", width=1.5),
+                      annotation=dict(text=f"deferral budget {budget:.0%}", font=dict(color=INK, size=12)),
+                      annotation_position="top left")
     chosen = results.get("chosen")
     if chosen and chosen.get("deferral") is not None:
         fig.add_trace(go.Scatter(

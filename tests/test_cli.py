@@ -73,6 +73,13 @@ def test_evaluate_missing_data_file(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_evaluate_rejects_a_baseline_rate_outside_0_1(tmp_path, capsys):
-    assert main(["evaluate", "--baseline-rate", "1.5", "--out", str(tmp_path / "o")]) == 2
-    assert "--baseline-rate must be in [0, 1]" in capsys.readouterr().err
+@pytest.mark.parametrize("flag, value, msg", [
+    ("--baseline-rate", "1.5", "--baseline-rate must be in [0, 1]"),
+    ("--max-deferral", "-0.1", "--max-deferral must be in [0, 1]"),
+    ("--random-rates", "0.1,2", "--random-rates must be in [0, 1]"),
+    ("--random-rates", "0.1,x", "--random-rates takes comma-separated numbers"),
+    ("--fractions", "0,ten", "--fractions takes comma-separated numbers"),
+])
+def test_evaluate_rejects_shares_outside_0_1(tmp_path, capsys, flag, value, msg):
+    assert main(["evaluate", flag, value, "--out", str(tmp_path / "o")]) == 2
+    assert msg in capsys.readouterr().err

@@ -1,8 +1,11 @@
 import json
 
+import pytest
 import torch
 
 from colm.cli import main
+from colm.evaluate import choose
+from colm.models import ColmError
 from colm.head import DeferralHead
 
 
@@ -48,6 +51,30 @@ def test_evaluate_end_to_end_on_tiny_pair(pair_dirs, tmp_path):
                  "--dtype", "fp32", "--baseline-rate", "0.5"]) == 0
     res2 = json.loads((out / "results.json").read_text())
     assert res2["random"][0]["rate"] == 0.5 and (out / "runs" / "random-0.500.jsonl").exists()
+    # A budget keeps the choice within it (0 % allows only the never-defer point); extra random rates make a curve.
+    thr = ",".join(str(p["threshold"]) for p in res["colm"])
+    assert main(["evaluate", "--data", str(data), "--split", "file", "--limit", "4", "--head", str(tmp_path / "h.safetensors"),
+                 "--out", str(out), "--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"),
+                 "--thresholds", thr, "--max-new-tokens", "6", "--batch-size", "2", "--dtype", "fp32",
+                 "--max-deferral", "0", "--random-rates", "0.25,0.5"]) == 0
+    res3 = json.loads((out / "results.json").read_text())
+    assert res3["chosen"]["threshold"] == 1.0 and res3["chosen"]["deferral"] == 0.0 and res3["max_deferral"] == 0.0
+    assert [r["rate"] for r in res3["random"]] == [0.0, 0.25, 0.5]
+    assert len(json.loads((out / "runs" / "random-0.250.jsonl").read_text().splitlines()[0])["ids"]) > 0
+
+
+@pytest.mark.parametrize("budget, want", [(None, 0.5), (0.35, 0.2), (0.25, 0.2), (0.15, 0.1), (0.0, 0.0)])
+def test_choose_best_accuracy_within_the_deferral_budget(budget, want):
+    points = [{"threshold": t, "deferral": d, "accuracy": a}
+              for t, d, a in ((1.0, 0.0, 0.2), (0.6, 0.1, 0.3), (0.4, 0.2, 0.35), (0.3, 0.3, 0.35), (0.2, 0.5, 0.4))]
+    # Without a budget the most accurate point wins; the tie at 35 % goes to the cheaper 20 % point.
+    assert choose(points, budget)["deferral"] == want
+
+
+def test_choose_refuses_a_budget_no_point_meets():
+    with pytest.raises(ColmError, match="defers at most 5%"):
+        choose([{"threshold": 0.3, "deferral": 0.3, "accuracy": 0.4}], 0.05)
+
 
 
 def test_rollouts_never_pick_the_expert_s_padded_vocabulary_rows(pair, tmp_path):

@@ -199,6 +199,14 @@ def test_curve_figure_parts_optional(drop):
     fig.to_json()
 
 
+@pytest.mark.parametrize("budget", [None, 0.35])
+def test_curve_figure_marks_the_deferral_budget(budget):
+    fig = viz.curve_figure({**RESULTS, **({} if budget is None else {"max_deferral": budget})})
+    lines = [s for s in fig.layout.shapes if s.x0 == s.x1]
+    assert [s.x0 for s in lines] == ([] if budget is None else [budget])
+    assert any("budget 35%" in a.text for a in fig.layout.annotations) == (budget is not None)
+
+
 def test_curve_figure_empty():
     assert len(viz.curve_figure({}).data) == 0
 
