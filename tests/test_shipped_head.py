@@ -30,7 +30,7 @@ def test_shipped_head_metadata_records_its_training_and_dev_evidence(shipped):
     assert dev["random"] and dev["random"][0]["n"] == dev["n_examples"]
     # A head that learned nothing must not ship as if it had: on its own dev evidence it beats random deferral at
     # (about) the same frequency.
-    rnd = dev["random"][0]
+    rnd = min(dev["random"], key=lambda r: abs(r["deferral"] - dev["chosen"]["deferral"]))   # one of a curve
     assert abs(rnd["deferral"] - dev["chosen"]["deferral"]) < 0.05
     assert dev["chosen"]["accuracy"] > rnd["accuracy"]
 
