@@ -159,6 +159,7 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
     p, top = teacher_forced_scores(dec, sweep_examples, base)
     if thresholds is None:
         thresholds = quantile_thresholds(p, fractions)
+
     def colm(thr: float, exs: list[Example]) -> dict:
         if thr >= 1.0:
             # p_defer ≤ 1 never exceeds η = 1: the base-only tokens (tested), so the base's decode stands in.

@@ -1,0 +1,58 @@
+"""Regenerate assets/screenshot.png: the real app on the default pair with the shipped head, in Debian's Chromium.
+
+    python bench/screenshot.py [--example "Bakery sales (word problem)"] [--max-new 160] [--out assets/screenshot.png]
+
+Starts the app in-process on a free port, clicks an example, sets the token limit, generates at the head's own
+threshold and waits for the decode to finish before the full-page screenshot.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--example", default="Bakery sales (word problem)")
+    ap.add_argument("--max-new", type=int, default=160)
+    ap.add_argument("--out", default=str(ROOT / "assets" / "screenshot.png"))
+    a = ap.parse_args()
+    import app
+    from playwright.sync_api import sync_playwright
+    from colm import CoLLM, load_head, load_pair
+    pair = load_pair()
+    head = load_head(pair)
+    demo = app.build_app(CoLLM(pair, head), default_max_new=a.max_new)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app.serve(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(15 * 60_000)
+            page.goto(f"http://127.0.0.1:{port}")
+            page.get_by_role("button", name=a.example).click()
+            page.click("#generate")
+            page.wait_for_function("/finished|hit max tokens/.test(document.querySelector('#summary').innerText)")
+            page.wait_for_timeout(1500)   # the last chart update
+            page.screenshot(path=a.out, full_page=True)
+            print(page.inner_text("#summary"))
+            browser.close()
+    finally:
+        demo.close()
+
+
+if __name__ == "__main__":
+    main()
