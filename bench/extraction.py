@@ -23,12 +23,8 @@ except ImportError:
 
 
 def _padded(pair, batch):
-    seqs = [p + t for _, p, t in batch]
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pair.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    from colm.train import right_pad
+    ids, mask = right_pad([p + t for _, p, t in batch], pair.tokenizer.pad_token_id)
     return ids.to(pair.device), mask.to(pair.device)
 
 

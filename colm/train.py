@@ -85,17 +85,20 @@ def _gold_stats(model, hidden: torch.Tensor, gold: torch.Tensor, n_vocab: int, c
     return torch.cat(lps), torch.cat(args), torch.cat(confs) if conf else None
 
 
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids [B, T], attention mask [B, T]), padded on the right (teacher forcing needs no left pad)."""
+    ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    return ids, mask
+
+
 @torch.inference_mode()
 def features_for_batch(pair, batch: list[tuple[int, list[int], list[int]]], with_expert: bool = True) -> dict:
     """Right-padded teacher forcing on prompt + target; returns per-target-token feature tensors."""
     dev, n_vocab = pair.device, len(pair.tokenizer)
-    seqs = [p + t for _, p, t in batch]
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pair.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
+    ids, mask = right_pad([p + t for _, p, t in batch], pair.tokenizer.pad_token_id)
     # Position j's hidden state predicts token j + 1: target token k of row i sits at len(prompt) + k.
     rows, cols, ex, pos = [], [], [], []
     for i, (idx, p, t) in enumerate(batch):
@@ -398,12 +401,7 @@ def joint_train(pair, head: DeferralHead, seqs: list, mode: str = "lora", steps:
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         batch = [seqs[int(i)] for i in torch.randint(len(seqs), (min(batch_size, len(seqs)),), generator=g)]
-        rows = [p + t for _, p, t in batch]
-        T = max(map(len, rows))
-        ids = torch.full((len(rows), T), pair.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+        ids, mask = right_pad([p + t for _, p, t in batch], pair.tokenizer.pad_token_id)
         r_idx, c_idx = zip(*[(i, len(p) + k - 1) for i, (_, p, t) in enumerate(batch) for k in range(len(t))])
         r_idx, c_idx = torch.tensor(r_idx, device=dev), torch.tensor(c_idx, device=dev)
         ids, mask = ids.to(dev), mask.to(dev)
