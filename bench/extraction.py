@@ -22,10 +22,12 @@ except ImportError:
     import common as C
 
 
-def _padded(pair, batch):
+def _both(pair, batch, run):
+    """Pad the batch once and call ``run(model, ids, mask)`` on the base and the expert."""
     from colm.train import right_pad
     ids, mask = right_pad([p + t for _, p, t in batch], pair.tokenizer.pad_token_id)
-    return ids.to(pair.device), mask.to(pair.device)
+    ids, mask = ids.to(pair.device), mask.to(pair.device)
+    return [run(m, ids, mask) for m in (pair.base, pair.expert)]
 
 
 @torch.inference_mode()
@@ -38,10 +40,9 @@ def run(pair, problems: int, batch_size: int, reps: int) -> dict:
     batches = [seqs[s:s + batch_size] for s in range(0, len(seqs), batch_size)]
     tokens = sum(len(p) + len(t) for _, p, t in seqs)
     modes = {
-        "forward": lambda b: [m(input_ids=i, attention_mask=k).logits for m in (pair.base, pair.expert)
-                              for i, k in [_padded(pair, b)]],
-        "backbone": lambda b: [m.base_model(input_ids=i, attention_mask=k).last_hidden_state
-                               for m in (pair.base, pair.expert) for i, k in [_padded(pair, b)]],
+        "forward": lambda b: _both(pair, b, lambda m, i, k: m(input_ids=i, attention_mask=k).logits),
+        "backbone": lambda b: _both(pair, b, lambda m, i, k: m.base_model(input_ids=i, attention_mask=k)
+                                    .last_hidden_state),
         "extract": lambda b: features_for_batch(pair, b, with_expert=True),
     }
     modes["extract"](batches[0][:1])  # warm-up
