@@ -66,23 +66,35 @@ def sequences(examples: list[Example], encode, tokenizer, rollouts: dict[int, di
     return out
 
 
-@torch.inference_mode()
-def _gold_stats(model, hidden: torch.Tensor, gold: torch.Tensor, n_vocab: int, chunk: int = 512,
-                conf: bool = True):
+def gold_logprobs(model, hidden: torch.Tensor, gold: torch.Tensor, n_vocab: int, chunk: int = 512,
+                  conf: bool = True):
     """hidden [N, H] (post-norm), gold [N] -> (log P(gold) [N], argmax [N], confidence_features [N, 3] or None).
 
     log P(gold) = logit[gold] - logsumexp(logits), in chunks: never a full-vocabulary log-softmax kept around.
-    Only the base's confidence is a head input, so the expert's call passes ``conf=False`` and skips its softmax.
+    Feature extraction calls it under inference mode; joint training backpropagates through log P(gold) alone:
+    argmax and confidence are detached, as the head reads the confidence as an input and the base is not trained
+    through it. Only the base's confidence is a head input, so the expert's call passes ``conf=False``.
     """
     lps, args, confs = [], [], []
     for s in range(0, hidden.shape[0], chunk):
         logits = model.lm_head(hidden[s:s + chunk])[:, :n_vocab].float()
-        g = gold[s:s + chunk]
-        lps.append(logits.gather(1, g[:, None]).squeeze(1) - logits.logsumexp(-1))
-        args.append(logits.argmax(-1))
-        if conf:
-            confs.append(confidence_features(logits))
+        lps.append(logits.gather(1, gold[s:s + chunk, None]).squeeze(1) - logits.logsumexp(-1))
+        with torch.no_grad():
+            args.append(logits.argmax(-1))
+            if conf:
+                confs.append(confidence_features(logits))
     return torch.cat(lps), torch.cat(args), torch.cat(confs) if conf else None
+
+
+def target_index(batch: list[tuple[int, list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) [N] of the hidden state that predicts each target token, N = all targets' lengths together.
+
+    Position j's hidden state predicts token j + 1: target token k of row i sits at len(prompt) + k, so it is
+    read at column len(prompt) + k - 1 of the prompt + target sequence.
+    """
+    rows = torch.cat([torch.full((len(t),), i) for i, (_, _, t) in enumerate(batch)])
+    cols = torch.cat([torch.arange(len(t)) + len(p) - 1 for _, p, t in batch])
+    return rows, cols
 
 
 def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,21 +111,19 @@ def features_for_batch(pair, batch: list[tuple[int, list[int], list[int]]], with
     """Right-padded teacher forcing on prompt + target; returns per-target-token feature tensors."""
     dev, n_vocab = pair.device, len(pair.tokenizer)
     ids, mask = right_pad([p + t for _, p, t in batch], pair.tokenizer.pad_token_id)
-    # Position j's hidden state predicts token j + 1: target token k of row i sits at len(prompt) + k.
-    rows, cols, ex, pos = [], [], [], []
-    for i, (idx, p, t) in enumerate(batch):
-        for k in range(len(t)):
-            rows.append(i), cols.append(len(p) + k - 1), ex.append(idx), pos.append(k)
-    rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
+    rows_t, cols_t = target_index(batch)
+    lengths = torch.tensor([len(t) for _, _, t in batch])
+    ex = torch.tensor([idx for idx, _, _ in batch]).repeat_interleave(lengths)
+    pos = torch.cat([torch.arange(n) for n in lengths.tolist()])
     gold = ids[rows_t, cols_t + 1].to(dev)
     ids, mask = ids.to(dev), mask.to(dev)
     hb = pair.base.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[rows_t, cols_t]
-    lp_b, arg_b, conf = _gold_stats(pair.base, hb, gold, n_vocab)
+    lp_b, arg_b, conf = gold_logprobs(pair.base, hb, gold, n_vocab)
     out = {"h": hb.to(torch.bfloat16).cpu(), "conf": conf.cpu(), "lp_base": lp_b.cpu(), "arg_base": arg_b.cpu(),
-           "target": gold.cpu(), "example": torch.tensor(ex), "pos": torch.tensor(pos)}
+           "target": gold.cpu(), "example": ex, "pos": pos}
     if with_expert:
         he = pair.expert.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[rows_t, cols_t]
-        lp_e, arg_e, _ = _gold_stats(pair.expert, he, gold, n_vocab, conf=False)
+        lp_e, arg_e, _ = gold_logprobs(pair.expert, he, gold, n_vocab, conf=False)
         out["lp_expert"], out["arg_expert"] = lp_e.cpu(), arg_e.cpu()
     else:
         out["lp_expert"] = torch.full_like(lp_b.cpu(), float("nan"))
@@ -184,8 +194,8 @@ def _add_confidence(pair, path: Path) -> None:
             return
     t = load_file(str(path))
     with torch.inference_mode():
-        _, _, t["conf"] = _gold_stats(pair.base, t["h"].to(pair.device, pair.base.dtype), t["target"].to(pair.device),
-                                      len(pair.tokenizer))
+        _, _, t["conf"] = gold_logprobs(pair.base, t["h"].to(pair.device, pair.base.dtype),
+                                        t["target"].to(pair.device), len(pair.tokenizer))
     t["conf"] = t["conf"].cpu().contiguous()
     tmp = path.with_name(path.name + ".tmp")
     save_file(t, str(tmp))
@@ -358,21 +368,6 @@ def recall_at(d: torch.Tensor, z: torch.Tensor, frac: float) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- joint training
-def _token_logprobs(model, hidden: torch.Tensor, gold: torch.Tensor, n_vocab: int, chunk: int = 1024,
-                    conf: bool = True):
-    """Like ``_gold_stats`` but differentiable: (log P(gold) [N], confidence_features [N, 3] or None) from hidden
-    [N, H].  The confidence features are detached: the head reads them as inputs, the base is not trained through
-    them; the expert's call skips them (``conf=False``)."""
-    out, confs = [], []
-    for s in range(0, hidden.shape[0], chunk):
-        logits = model.lm_head(hidden[s:s + chunk])[:, :n_vocab].float()
-        out.append(logits.gather(1, gold[s:s + chunk, None]).squeeze(1) - logits.logsumexp(-1))
-        if conf:
-            with torch.no_grad():
-                confs.append(confidence_features(logits))
-    return torch.cat(out), torch.cat(confs) if conf else None
-
-
 def joint_train(pair, head: DeferralHead, seqs: list, mode: str = "lora", steps: int = 200, lr: float = 1e-4,
                 head_lr: float = 1e-2, batch_size: int = 4, rank: int = 8, seed: int = 0, log=None):
     """Train the head together with the base (paper, Sec. 3.2): LoRA adapters (``mode='lora'``, via peft) or every
@@ -402,15 +397,14 @@ def joint_train(pair, head: DeferralHead, seqs: list, mode: str = "lora", steps:
     for step in range(steps):
         batch = [seqs[int(i)] for i in torch.randint(len(seqs), (min(batch_size, len(seqs)),), generator=g)]
         ids, mask = right_pad([p + t for _, p, t in batch], pair.tokenizer.pad_token_id)
-        r_idx, c_idx = zip(*[(i, len(p) + k - 1) for i, (_, p, t) in enumerate(batch) for k in range(len(t))])
-        r_idx, c_idx = torch.tensor(r_idx, device=dev), torch.tensor(c_idx, device=dev)
+        r_idx, c_idx = (t.to(dev) for t in target_index(batch))
         ids, mask = ids.to(dev), mask.to(dev)
         gold = ids[r_idx, c_idx + 1]
         with torch.no_grad():
             he = pair.expert.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[r_idx, c_idx]
-            lp_e, _ = _token_logprobs(pair.expert, he, gold, n_vocab, conf=False)
+            lp_e, _, _ = gold_logprobs(pair.expert, he, gold, n_vocab, conf=False)
         hb = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[r_idx, c_idx]
-        lp_b, conf = _token_logprobs(lm, hb, gold, n_vocab)
+        lp_b, _, conf = gold_logprobs(lm, hb, gold, n_vocab)
         loss = marginal_nll(head(hb, conf=conf), lp_b, lp_e)
         opt.zero_grad()
         loss.backward()

@@ -150,6 +150,31 @@ def test_decoder_and_training_see_the_same_confidence_features(pair, tmp_path):
     assert p.tolist() == pytest.approx([s.p_defer for s in tr.steps], abs=2e-3)
 
 
+@pytest.mark.parametrize("lengths", [((3, 5), (6, 2)), ((1, 1),), ((4, 7), (2, 1), (5, 3))])
+def test_target_index_reads_the_position_before_each_target(lengths):
+    from colm.train import right_pad, target_index
+    batch = [(10 + i, list(range(100 * i, 100 * i + p)), list(range(100 * i + 50, 100 * i + 50 + t)))
+             for i, (p, t) in enumerate(lengths)]
+    ids, _ = right_pad([p + t for _, p, t in batch], pad_id=-1)
+    rows, cols = target_index(batch)
+    assert ids[rows, cols + 1].tolist() == [tok for _, _, t in batch for tok in t]
+    assert ids[rows, cols].tolist() == [([*p, *t])[k - 1] for _, p, t in batch for k in range(len(p), len(p) + len(t))]
+
+
+def test_batched_features_match_one_row_at_a_time(pair, tok):
+    """Right padding and the target index must not mix rows: a batch gives each row's single-row features."""
+    from colm.train import features_for_batch
+    batch = [(i, tok(q)["input_ids"], tok(a)["input_ids"])
+             for i, (q, a) in enumerate([("What is 2+2?", " 4"), ("Natalia sold 48 clips", " then 24 more in May")])]
+    together = features_for_batch(pair, batch)
+    alone = [features_for_batch(pair, [b]) for b in batch]
+    assert together["example"].tolist() == [i for i, _, t in batch for _ in t]
+    assert together["pos"].tolist() == [k for _, _, t in batch for k in range(len(t))]
+    for key in ("lp_base", "lp_expert"):
+        assert together[key].tolist() == pytest.approx(torch.cat([a[key] for a in alone]).tolist(), abs=1e-3)
+    assert together["target"].tolist() == torch.cat([a["target"] for a in alone]).tolist()
+
+
 def test_untrained_fit_is_not_trained_head(pair):
     from colm.head import untrained_head
     assert not untrained_head(pair.base).trained
