@@ -74,8 +74,11 @@ class DeferralHead(torch.nn.Module):
 
     def forward(self, h: torch.Tensor, logits: torch.Tensor | None = None, conf: torch.Tensor | None = None):
         """h [..., H] in any dtype, plus for a confidence head the base's logits [..., V] at the same position or
-        their ``confidence_features`` [..., 3] (cached by training) -> logits [...] in fp32 (fp32 costs nothing)."""
-        x = h.to(self.linear.weight.dtype)
+        their ``confidence_features`` [..., 3] (cached by training) -> logits [...] in fp32 (fp32 costs nothing).
+
+        Inputs follow the head to its device: cached features live on the CPU while a decoder on a GPU holds the head
+        there (a GPU run of ``colm evaluate`` scored CPU features with a CUDA head)."""
+        x = h.to(self.linear.weight)
         if self.uses_confidence:
             if conf is None:
                 if logits is None:

@@ -84,6 +84,15 @@ def test_confidence_head_roundtrip_and_needs_logits(pair, tmp_path):
         g.p_defer(x)
 
 
+@pytest.mark.parametrize("confidence", [False, True])
+def test_head_inputs_follow_the_head_to_its_device(confidence):
+    """Cached features stay on the CPU while a GPU decoder holds the head on the GPU (``colm evaluate`` scores the
+    one with the other); the meta device stands in for a GPU here, bench/gpu_check.sh checks the real one."""
+    h = DeferralHead(8, confidence=confidence).to("meta")
+    p = h.p_defer(torch.randn(3, 8, dtype=torch.bfloat16), conf=torch.randn(3, 3) if confidence else None)
+    assert p.device.type == "meta" and p.shape == (3,)
+
+
 def test_head_width_that_contradicts_its_inputs_is_refused(tmp_path):
     from safetensors.torch import save_file
     meta = {"hidden_size": 32, "inputs": ["hidden", "top_prob", "entropy", "margin"], "trained": True}
