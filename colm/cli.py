@@ -85,7 +85,7 @@ def cmd_rollouts(args) -> int:
     from .decode import CoLLM
     from .rollouts import rollout
     train, dev = split(read_jsonl(Path(args.data) if args.data else DEFAULT_DATA), args.dev_size)
-    examples = (train if args.split == "train" else dev)[:args.limit]
+    examples = (train if args.split == "train" else dev)[args.start:args.start + args.limit]
     pair, _ = _load(args, need_head=False)
     model = pair.expert if args.model == "expert" else pair.base
     done = rollout(model, pair.tokenizer, examples, args.out, args.batch_size, args.max_new_tokens, CoLLM(pair).encode,
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", default=None, help="GSM8K-format JSONL (default: ../shared/data/gsm8k/train.jsonl)")
     r.add_argument("--dev-size", type=int, default=300)
     r.add_argument("--limit", type=int, default=2000)
+    r.add_argument("--start", type=int, default=0,
+                   help="skip the split's first N problems (to share a run between processes or machines)")
     r.add_argument("--out", required=True)
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--max-new-tokens", type=int, default=256)

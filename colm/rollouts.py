@@ -47,20 +47,24 @@ def append_records(path: Path, records: list[dict]) -> None:
 
 @torch.inference_mode()
 def rollout(model, tokenizer, examples: list[Example], out: str | Path, batch_size: int = 16,
-            max_new_tokens: int = 256, encode=None, progress: bool = True, role: str | None = None) -> dict[int, dict]:
+            max_new_tokens: int = 256, encode=None, progress: bool = True, role: str | None = None,
+            window: int = 8) -> dict[int, dict]:
     """Greedy-decode every example not yet in ``out``; append {index, ids, text, correct[, model]} per answer
     (``role``, "base" or "expert", tells training which model's argmax the answer already is).
     Returns the records of ``examples`` only (the file may hold more, e.g. from a larger earlier run).
 
     ``encode(messages) -> ids`` must be the same prompt encoding the decoder uses (``CoLLM.encode``).
+    ``window`` batches at a time are sorted by prompt length; work goes in the examples' order window by window.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(out)
     todo = [e for e in examples if e.index not in done]
-    # Similar lengths batch together, so left padding wastes little.
     prompts = {e.index: encode(messages(e.question)) for e in todo}
-    todo.sort(key=lambda e: len(prompts[e.index]))
+    # Similar lengths batch together, so left padding wastes little; but only within windows of a few batches, so a
+    # run stopped early has answered a prefix of the problems, not the shortest ones (a biased training set).
+    w = batch_size * max(window, 1)
+    todo = [e for s in range(0, len(todo), w) for e in sorted(todo[s:s + w], key=lambda e: len(prompts[e.index]))]
     pad = tokenizer.pad_token_id
     bar = None
     if progress:

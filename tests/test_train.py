@@ -306,6 +306,19 @@ def gsm_file(path, n):
     return path
 
 
+@pytest.mark.parametrize("window, first_batch", [(1, {0, 1}), (3, {4, 5})])
+def test_rollouts_sort_by_length_only_within_a_window(pair, tmp_path, window, first_batch):
+    """Prompts get shorter down the list; a stopped run must have answered the first problems, not the shortest."""
+    from colm.data import Example
+    from colm.rollouts import rollout
+    ex = [Example(i, "word " * (12 - 2 * i), "", "0") for i in range(6)]
+    out = tmp_path / "r.jsonl"
+    rollout(pair.base, pair.tokenizer, ex, out, batch_size=2, max_new_tokens=2, encode=CoLLM(pair).encode,
+            progress=False, window=window)
+    order = [json.loads(line)["index"] for line in out.read_text().splitlines()]
+    assert set(order[:2]) == first_batch and sorted(order) == list(range(6))
+
+
 def test_train_cli_on_base_rollouts_with_gold(pair_dirs, tmp_path):
     """`colm rollouts --model base` then `colm train --objective disagreement --rollouts ... --with-gold`: both
     sources are cached separately, labelled by the argmax rule, and named in the head's metadata."""
@@ -332,6 +345,12 @@ def test_train_cli_on_base_rollouts_with_gold(pair_dirs, tmp_path):
     from colm.train import load_features
     f = load_features(sorted((feats / "rollouts-base-train").glob("shard-*.safetensors")))
     assert (f["arg_expert"] >= 0).all() and torch.equal(f["arg_base"], f["target"])
+    # --start shares a run between processes: the second one answers the problems after the first one's.
+    from colm.data import read_jsonl, split
+    more = tmp_path / "base-train-from6.jsonl"
+    assert main(["rollouts", "--model", "base", "--data", str(data), "--dev-size", "4", "--start", "6", "--limit", "3",
+                 "--max-new-tokens", "2", "--out", str(more), *models]) == 0
+    assert sorted(read_done(more)) == sorted(e.index for e in split(read_jsonl(data), 4)[0][6:9])
 
 
 @pytest.mark.parametrize("models", [("base", None), (None, None), ("base", "expert"), ("gpt", "gpt")],
