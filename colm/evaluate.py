@@ -155,8 +155,11 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
         results["expert"] = summarize(expert, "expert")
         results["proxy"] = disagreement_proxy(dec, sweep_examples, expert)
         on_update(results)
-    # Thresholds from the head's scores along the base's own answers: what the decoder sees before it defers.
-    p, top = teacher_forced_scores(dec, sweep_examples, base)
+    # Thresholds from the head's scores along the base's own answers: what the decoder sees before it defers.  The
+    # confidence baseline's cut-off comes from the same pass; with neither needed, skip it (minutes on a real pair).
+    p = top = None
+    if thresholds is None or baselines:
+        p, top = teacher_forced_scores(dec, sweep_examples, base)
     if thresholds is None:
         thresholds = quantile_thresholds(p, fractions)
 

@@ -63,6 +63,24 @@ def test_evaluate_end_to_end_on_tiny_pair(pair_dirs, tmp_path):
     assert len(json.loads((out / "runs" / "random-0.250.jsonl").read_text().splitlines()[0])["ids"]) > 0
 
 
+@pytest.mark.parametrize("thresholds, baselines, passes", [(None, False, 1), ([0.5], True, 1), ([0.5], False, 0)],
+                         ids=["sweep", "baselines", "fixed-no-baselines"])
+def test_teacher_forced_pass_only_when_a_sweep_or_baseline_needs_it(pair, tmp_path, monkeypatch, thresholds,
+                                                                      baselines, passes):
+    """Fixed thresholds without baselines (re-summarising finished decodes) must not pay the teacher-forced pass."""
+    import colm.evaluate as ev
+    from colm.data import Example
+    from colm.decode import CoLLM
+    calls = []
+    real = ev.teacher_forced_scores
+    monkeypatch.setattr(ev, "teacher_forced_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    head = DeferralHead(32, {"trained": True, "threshold": 0.5})
+    ex = [Example(i, f"Tom has {i} apples.", "", str(i)) for i in range(2)]
+    res = ev.evaluate(CoLLM(pair, head), ex, tmp_path, fractions=[0.0, 0.5], thresholds=thresholds, batch_size=2,
+                      max_new_tokens=3, baselines=baselines)
+    assert len(calls) == passes and res["chosen"]["n"] == 2
+
+
 @pytest.mark.parametrize("budget, want", [(None, 0.5), (0.35, 0.2), (0.25, 0.2), (0.15, 0.1), (0.0, 0.0)])
 def test_choose_best_accuracy_within_the_deferral_budget(budget, want):
     points = [{"threshold": t, "deferral": d, "accuracy": a}
