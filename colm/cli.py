@@ -84,6 +84,8 @@ def cmd_rollouts(args) -> int:
     from .data import DEFAULT_DATA, read_jsonl, split
     from .decode import CoLLM
     from .rollouts import rollout
+    if args.start < 0 or args.limit < 1:
+        raise ColmError("--start must be ≥ 0 and --limit ≥ 1")
     train, dev = split(read_jsonl(Path(args.data) if args.data else DEFAULT_DATA), args.dev_size)
     examples = (train if args.split == "train" else dev)[args.start:args.start + args.limit]
     pair, _ = _load(args, need_head=False)

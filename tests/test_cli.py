@@ -73,6 +73,12 @@ def test_evaluate_missing_data_file(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [("--start", "-1"), ("--limit", "0")])
+def test_rollouts_rejects_a_bad_slice(tmp_path, capsys, flag, value):
+    assert main(["rollouts", flag, value, "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert "--start must be ≥ 0 and --limit ≥ 1" in capsys.readouterr().err and not (tmp_path / "r.jsonl").exists()
+
+
 @pytest.mark.parametrize("flag, value, msg", [
     ("--baseline-rate", "1.5", "--baseline-rate must be in [0, 1]"),
     ("--max-deferral", "-0.1", "--max-deferral must be in [0, 1]"),
