@@ -80,18 +80,29 @@ def cmd_generate(args) -> int:
 
 
 def cmd_rollouts(args) -> int:
-    """Greedy answers of one model to GSM8K problems, appended to a JSONL file (resumable: reruns skip what is done)."""
+    """Greedy answers of one model (or of Co-LLM with a head) to GSM8K problems, appended to a JSONL file
+    (resumable: reruns skip what is done)."""
     from .data import DEFAULT_DATA, read_jsonl, split
-    from .decode import CoLLM
+    from .decode import CoLLM, Policy
     from .rollouts import rollout
     if args.start < 0 or args.limit < 1:
         raise ColmError("--start must be ≥ 0 and --limit ≥ 1")
+    if args.model != "colm" and (args.head or args.threshold is not None):
+        raise ColmError("--head and --threshold are for --model colm")
     train, dev = split(read_jsonl(Path(args.data) if args.data else DEFAULT_DATA), args.dev_size)
     examples = (train if args.split == "train" else dev)[args.start:args.start + args.limit]
-    pair, _ = _load(args, need_head=False)
-    model = pair.expert if args.model == "expert" else pair.base
-    done = rollout(model, pair.tokenizer, examples, args.out, args.batch_size, args.max_new_tokens, CoLLM(pair).encode,
-                   role=args.model)
+    pair, head = _load(args, need_head=args.model == "colm")
+    if args.model == "colm":
+        # Co-LLM's own trajectories: the states its deferral policy visits (the second labelling round).
+        from .evaluate import run_policy
+        thr = args.threshold if args.threshold is not None else head.threshold
+        tag = {"model": "colm", "head": head.identity, "threshold": thr}
+        done = run_policy(CoLLM(pair, head), examples, Policy("colm", threshold=thr), Path(args.out), args.batch_size,
+                          args.max_new_tokens, window=8, tag=tag)
+    else:
+        model = pair.expert if args.model == "expert" else pair.base
+        done = rollout(model, pair.tokenizer, examples, args.out, args.batch_size, args.max_new_tokens,
+                       CoLLM(pair).encode, role=args.model)
     ok = sum(done[e.index]["correct"] for e in examples)
     print(f"{len(examples)} answers in {args.out}; {ok / len(examples):.1%} correct")
     return 0
@@ -128,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("rollouts", help=cmd_rollouts.__doc__, description=cmd_rollouts.__doc__)
-    r.add_argument("--model", default="expert", choices=["expert", "base"])
+    r.add_argument("--model", default="expert", choices=["expert", "base", "colm"],
+                   help="colm: Co-LLM's answers with --head at its threshold (labels along its own trajectories)")
+    r.add_argument("--head", default=None, help="--model colm: deferral head .safetensors (default: the shipped head)")
+    r.add_argument("--threshold", type=float, default=None, help="--model colm: defer when p_defer > this "
+                                                                  "(default: the head's)")
     r.add_argument("--split", default="train", choices=["train", "dev"])
     r.add_argument("--data", default=None, help="GSM8K-format JSONL (default: ../shared/data/gsm8k/train.jsonl)")
     r.add_argument("--dev-size", type=int, default=300)

@@ -17,7 +17,7 @@ import torch
 from .data import Example, is_correct, messages
 from .decode import CoLLM, Policy
 from .models import ColmError
-from .rollouts import append_records, read_done, rollout
+from .rollouts import append_records, read_done, rollout, sort_in_windows
 
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -32,12 +32,16 @@ def quantile_thresholds(p: torch.Tensor, fractions=FRACTIONS) -> list[float]:
 
 
 def run_policy(dec: CoLLM, examples: list[Example], policy: Policy, path: Path, batch_size: int = 16,
-               max_new_tokens: int = 256, progress: bool = True) -> dict[int, dict]:
-    """Decode every example not yet in ``path`` under ``policy``; one JSON line per problem."""
+               max_new_tokens: int = 256, progress: bool = True, window: int | None = None,
+               tag: dict | None = None) -> dict[int, dict]:
+    """Decode every example not yet in ``path`` under ``policy``; one JSON line per problem (plus ``tag``'s fields).
+
+    Problems are sorted by length, all at once or (``window``) within windows of that many batches.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(path)
     todo = [e for e in examples if e.index not in done]
-    todo.sort(key=lambda e: len(e.question))
+    todo = sort_in_windows(todo, lambda e: len(e.question), batch_size * window if window else len(todo))
     bar = None
     if progress and todo:
         from tqdm import tqdm
@@ -49,7 +53,7 @@ def run_policy(dec: CoLLM, examples: list[Example], policy: Policy, path: Path, 
         dt = time.perf_counter() - t0
         recs = [{"index": e.index, "ids": tr.token_ids, "text": tr.text, "correct": is_correct(tr.text, e.answer),
                  "deferral": tr.deferral_rate, "expert_calls": tr.expert_calls, "batch_seconds": dt,
-                 "batch_tokens": sum(len(t.steps) for t in traces)} for e, tr in zip(chunk, traces)]
+                 "batch_tokens": sum(len(t.steps) for t in traces), **(tag or {})} for e, tr in zip(chunk, traces)]
         append_records(path, recs)
         done.update((r["index"], r) for r in recs)
         if bar:

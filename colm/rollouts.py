@@ -45,6 +45,16 @@ def append_records(path: Path, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
+def sort_in_windows(items: list, key, size: int) -> list:
+    """Sort by ``key`` within consecutive windows of ``size`` items.
+
+    Similar lengths batch together, so left padding wastes little; but only within windows of a few batches, so a
+    run stopped early has answered a prefix of the problems, not the shortest ones (a biased training set).
+    """
+    size = max(size, 1)
+    return [x for s in range(0, len(items), size) for x in sorted(items[s:s + size], key=key)]
+
+
 @torch.inference_mode()
 def rollout(model, tokenizer, examples: list[Example], out: str | Path, batch_size: int = 16,
             max_new_tokens: int = 256, encode=None, progress: bool = True, role: str | None = None,
@@ -61,10 +71,7 @@ def rollout(model, tokenizer, examples: list[Example], out: str | Path, batch_si
     done = read_done(out)
     todo = [e for e in examples if e.index not in done]
     prompts = {e.index: encode(messages(e.question)) for e in todo}
-    # Similar lengths batch together, so left padding wastes little; but only within windows of a few batches, so a
-    # run stopped early has answered a prefix of the problems, not the shortest ones (a biased training set).
-    w = batch_size * max(window, 1)
-    todo = [e for s in range(0, len(todo), w) for e in sorted(todo[s:s + w], key=lambda e: len(prompts[e.index]))]
+    todo = sort_in_windows(todo, lambda e: len(prompts[e.index]), batch_size * window)
     pad = tokenizer.pad_token_id
     bar = None
     if progress:

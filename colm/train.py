@@ -8,6 +8,8 @@
        marginal      -log[(1 - σ(d)) P_base(x) + σ(d) P_expert(x)]        (the paper's latent-variable objective)
        disagreement  BCE(σ(d), [argmax P_base != x])  on the expert's own greedy answers (on-policy labels)
      ``gold-disagreement`` is the free variant: the same labels on the gold solution, base vs expert argmax.
+     Along the base's or Co-LLM's own answers (a second round: the states its policy visits) the label is the same
+     base-vs-expert argmax rule.
 
 The base stays frozen here (CPU default); ``joint_lora`` trains LoRA adapters on the base with the head (GPU).
 """
@@ -427,7 +429,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="where to write the head (.safetensors)")
     p.add_argument("--objective", default="disagreement", choices=["marginal", "disagreement", "gold-disagreement"])
     p.add_argument("--rollouts", action="append", default=[],
-                   help="JSONL of greedy answers from `colm rollouts` (the expert's or the base's; repeatable), the "
+                   help="JSONL of answers from `colm rollouts` (the expert's, the base's or Co-LLM's; repeatable), the "
                         "on-policy data of --objective disagreement")
     p.add_argument("--rollout-limit", type=int, default=None,
                    help="use the rollouts of the first N training problems only (gold keeps --limit)")
@@ -455,8 +457,8 @@ def rollout_model(recs: dict[int, dict], path: Path) -> str:
     """Which model wrote a rollouts file.  Every record must say: guessing would silently flip what the labels mean
     (along the base's answers the base's argmax is the text, so "disagreement" would be nearly always 0)."""
     models = {r.get("model") for r in recs.values()}
-    if len(models) != 1 or not models <= {"base", "expert"}:
-        raise ColmError(f"{path}: every rollout record must name its model, and one model, base or expert (found "
+    if len(models) != 1 or not models <= {"base", "expert", "colm"}:
+        raise ColmError(f"{path}: every rollout record must name its model, and one model, base, expert or colm (found "
                         f"{sorted(map(str, models))}); `python -m colm rollouts` writes that field")
     return models.pop()
 
@@ -489,9 +491,9 @@ def main(args) -> int:
             recs = {e.index: recs[e.index] for e in train_ex[:args.rollout_limit] if e.index in recs}
         model = rollout_model(recs, path)
         # Along the expert's own answers its argmax is the target, so only the base needs a pass; along the
-        # base's, the expert's argmax is the label.
+        # base's or Co-LLM's (whose tokens come from either model), the expert's argmax is needed for the label.
         sources.append((path.name, sequences(train_ex, enc, tok, recs, eos), root / f"rollouts-{path.stem}",
-                        model == "base"))
+                        model != "expert"))
     feats = []
     for name, seqs, cache, with_expert in sources:
         if not seqs:

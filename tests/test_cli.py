@@ -73,10 +73,15 @@ def test_evaluate_missing_data_file(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag, value", [("--start", "-1"), ("--limit", "0")])
-def test_rollouts_rejects_a_bad_slice(tmp_path, capsys, flag, value):
-    assert main(["rollouts", flag, value, "--out", str(tmp_path / "r.jsonl")]) == 2
-    assert "--start must be ≥ 0 and --limit ≥ 1" in capsys.readouterr().err and not (tmp_path / "r.jsonl").exists()
+@pytest.mark.parametrize("args, msg", [
+    (["--start", "-1"], "--start must be ≥ 0 and --limit ≥ 1"),
+    (["--limit", "0"], "--start must be ≥ 0 and --limit ≥ 1"),
+    (["--model", "expert", "--threshold", "0.2"], "--head and --threshold are for --model colm"),
+    (["--model", "base", "--head", "h.safetensors"], "--head and --threshold are for --model colm"),
+])
+def test_rollouts_rejects_bad_arguments(tmp_path, capsys, args, msg):
+    assert main(["rollouts", *args, "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert msg in capsys.readouterr().err and not (tmp_path / "r.jsonl").exists()
 
 
 @pytest.mark.parametrize("flag, value, msg", [

@@ -319,32 +319,42 @@ def test_rollouts_sort_by_length_only_within_a_window(pair, tmp_path, window, fi
     assert set(order[:2]) == first_batch and sorted(order) == list(range(6))
 
 
-def test_train_cli_on_base_rollouts_with_gold(pair_dirs, tmp_path):
-    """`colm rollouts --model base` then `colm train --objective disagreement --rollouts ... --with-gold`: both
+@pytest.mark.parametrize("model", ["base", "colm"])
+def test_train_cli_on_rollouts_with_gold(pair_dirs, tmp_path, model):
+    """`colm rollouts --model base|colm` then `colm train --objective disagreement --rollouts ... --with-gold`: both
     sources are cached separately, labelled by the argmax rule, and named in the head's metadata."""
     from colm.cli import main
     from colm.head import DeferralHead
     from colm.rollouts import read_done
     data = gsm_file(tmp_path / "gsm.jsonl", 14)
     models = ["--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"), "--dtype", "fp32"]
-    roll = tmp_path / "base-train.jsonl"
-    assert main(["rollouts", "--model", "base", "--data", str(data), "--dev-size", "4", "--limit", "6",
-                 "--max-new-tokens", "8", "--batch-size", "3", "--out", str(roll), *models]) == 0
+    roll = tmp_path / f"{model}-train.jsonl"
+    # An untrained head says p_defer = 0.5 everywhere: threshold 0.4 defers every token, so Co-LLM writes the
+    # expert's greedy answer, a known trajectory to check against.
+    colm_args = ["--threshold", "0.4"] if model == "colm" else []
+    assert main(["rollouts", "--model", model, "--data", str(data), "--dev-size", "4", "--limit", "6",
+                 "--max-new-tokens", "8", "--batch-size", "3", "--out", str(roll), *colm_args, *models]) == 0
     recs = read_done(roll)
-    assert len(recs) == 6 and {r["model"] for r in recs.values()} == {"base"}
+    assert len(recs) == 6 and {r["model"] for r in recs.values()} == {model}
     out = tmp_path / "h.safetensors"
     feats = tmp_path / "feats"
     assert main(["train", "--data", str(data), "--dev-size", "4", "--objective", "disagreement", "--rollouts", str(roll),
                  "--with-gold", "--features", str(feats), "--out", str(out), *models]) == 0
-    assert sorted(p.name for p in feats.iterdir()) == ["gold", "rollouts-base-train"]
+    assert sorted(p.name for p in feats.iterdir()) == ["gold", f"rollouts-{model}-train"]
     head = DeferralHead.load(out)
     assert head.trained and head.uses_confidence and head.meta["objective"] == "disagreement"
-    assert head.meta["data"]["sources"] == {"gold": 10, "base-train.jsonl": 6}
+    assert head.meta["data"]["sources"] == {"gold": 10, f"{model}-train.jsonl": 6}
     assert head.meta["data"]["problems"] == 10
-    # The base's own answers are labelled against the expert's argmax: those features ran the expert.
-    from colm.train import load_features
-    f = load_features(sorted((feats / "rollouts-base-train").glob("shard-*.safetensors")))
-    assert (f["arg_expert"] >= 0).all() and torch.equal(f["arg_base"], f["target"])
+    # The base's or Co-LLM's answers are labelled against the expert's argmax: those features ran the expert.
+    from colm.train import disagreement_labels, load_features
+    f = load_features(sorted((feats / f"rollouts-{model}-train").glob("shard-*.safetensors")))
+    assert (f["arg_expert"] >= 0).all()
+    writer = "arg_base" if model == "base" else "arg_expert"
+    assert torch.equal(f[writer], f["target"])
+    assert torch.equal(disagreement_labels(f), (f["arg_base"] != f["arg_expert"]).float())
+    if model == "colm":
+        assert all(r["deferral"] == 1.0 and r["threshold"] == 0.4 for r in recs.values())
+        return
     # --start shares a run between processes: the second one answers the problems after the first one's.
     from colm.data import read_jsonl, split
     more = tmp_path / "base-train-from6.jsonl"
