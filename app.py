@@ -114,6 +114,17 @@ def max_new_tokens(value) -> int:
     return int(value)
 
 
+def release(trace) -> None:
+    """Free the engine rows a session's trace holds (its state expired or was replaced)."""
+    if trace is not None:
+        trace.release()
+
+
+def engine_label(decoder: CoLLM) -> str:
+    threads = getattr(decoder.pair.base, "threads", None)
+    return f"{decoder.pair.engine}" + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
+
+
 def head_banner(decoder: CoLLM) -> str:
     head = decoder.head
     if head is not None and head.trained:
@@ -231,7 +242,7 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
                 for trace in decoder.stream(prompt, policy, n, stop=stop):
                     views[2 * i:2 * i + 2] = viz.highlighted(trace), viz.summary_line(trace)
                     yield (stop, *views, "")
-                trace.state = None  # side-by-side views are final: free their KV caches now
+                trace.release()  # side-by-side views are final: free their KV caches now
         except ColmError as e:
             gr.Warning(str(e))
             yield (stop, *views, f"⚠️ {e}")
@@ -240,11 +251,14 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
         return gr.Slider(visible=name == "random"), gr.Slider(visible=name == "confidence")
 
     with gr.Blocks(title="Co-LLM demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-        trace_state = gr.State(None, time_to_live=STATE_TTL_S)
+        # A trace holds engine rows (KV caches; llama.cpp has a fixed number): freed when the session's state
+        # expires, and before that whenever another session needs the slot (least recently used first).
+        trace_state = gr.State(None, time_to_live=STATE_TTL_S, delete_callback=release)
         stop_state = gr.State(None)
         gr.Markdown("# Co-LLM: a small model that learns when to ask a bigger one\n"
                     f"base **{decoder.pair.base_id}** · expert **{decoder.pair.expert_id}** · "
-                    f"head **{decoder.head.identity if decoder.head is not None else 'none'}**")
+                    f"head **{decoder.head.identity if decoder.head is not None else 'none'}** · "
+                    f"engine **{engine_label(decoder)}**", elem_id="models")
         gr.Markdown(banner, visible=bool(banner), elem_id="banner")
         with gr.Row():
             with gr.Column(scale=2, min_width=320):
@@ -371,9 +385,8 @@ def build_loading_page(status: LoadStatus) -> gr.Blocks:
 def load(args, progress=None) -> tuple[CoLLM, str]:
     """Load the pair and head once, printing progress (and passing it to ``progress``).  A head that cannot be
     used becomes a banner, not a crash: the baseline policies still work without one."""
-    from colm.cli import SHIPPED_HEAD
-    from colm.head import DeferralHead, untrained_head
-    from colm.models import load_pair
+    from colm.head import SHIPPED_HEAD, DeferralHead, untrained_head
+    from colm.engines import load_pair
 
     def log(m):
         print(m, file=sys.stderr, flush=True)
@@ -381,7 +394,8 @@ def load(args, progress=None) -> tuple[CoLLM, str]:
             progress(m)
     t0 = time.perf_counter()
     log("loading models (the very first start assembles the default pair into the cache: about 90 s)")
-    pair = load_pair(args.base, args.expert, dtype=args.dtype, device=args.device, progress=log)
+    pair = load_pair(args.base, args.expert, engine=args.engine, dtype=args.dtype, device=args.device,
+                     threads=args.threads, progress=log)
     path = args.head or (SHIPPED_HEAD if SHIPPED_HEAD.exists() and args.base == "default" else None)
     head, banner = None, ""
     if path is not None:
@@ -393,7 +407,7 @@ def load(args, progress=None) -> tuple[CoLLM, str]:
     head = head or untrained_head(pair.base, pair.base_id)
     if not head.trained:
         log("warning: no trained deferral head; the Co-LLM policy will not defer usefully")
-    log(f"loaded {pair.base_id} + {pair.expert_id} in {time.perf_counter() - t0:.0f} s")
+    log(f"loaded {pair.base_id} + {pair.expert_id} on {pair.engine} in {time.perf_counter() - t0:.0f} s")
     return CoLLM(pair, head), banner
 
 
@@ -405,6 +419,9 @@ def main(argv=None) -> int:
     p.add_argument("--base", default="default")
     p.add_argument("--expert", default="default")
     p.add_argument("--head", default=None, help="deferral head .safetensors (default: the shipped head)")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "llamacpp"],
+                   help="auto: llama.cpp on a CPU for the GGUF default pair, torch on a GPU or for model directories")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")

@@ -143,7 +143,7 @@ def write_json(name: str, data: dict) -> Path:
 
 # ----------------------------------------------------------------------------------------------- models / prompts
 def load():
-    from colm.models import load_pair
+    from colm.engines import load_pair
     t = time.perf_counter()
     pair = load_pair()
     return pair, time.perf_counter() - t

@@ -14,7 +14,7 @@ from conftest import make_model, make_tokenizer  # noqa: E402
 
 from colm.decode import CoLLM, Policy  # noqa: E402
 from colm.head import DeferralHead  # noqa: E402
-from colm.models import load_pair  # noqa: E402
+from colm.engines import load_pair  # noqa: E402
 from colm.train import joint_train  # noqa: E402
 
 tok = make_tokenizer()

@@ -22,7 +22,7 @@ def main() -> None:
     from colm.decode import CoLLM, Policy
     from colm.evaluate import run_policy, summarize
     from colm.head import load_head
-    from colm.models import load_pair
+    from colm.engines import load_pair
     from colm.rollouts import rollout
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("policy", choices=["expert", "base", "colm", "random"])

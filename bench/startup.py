@@ -46,7 +46,7 @@ def child() -> None:
     import torch
     if os.environ.get("COLM_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["COLM_BENCH_THREADS"]))
-    from colm.models import load_pair
+    from colm.engines import load_pair
     t_import = time.time()
     pair = load_pair(progress=lambda m: marks.append((round(time.time() - t0, 2), m)))
     t_ready = time.time()

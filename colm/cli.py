@@ -1,5 +1,5 @@
-"""Command line: ``python -m colm generate | rollouts | train | evaluate``.  Each subcommand is one small function whose
-docstring is its help; user errors print one line to stderr and exit 2."""
+"""Command line: ``colm generate | rollouts | train | evaluate | app`` (or ``python -m colm ...``).  Each subcommand is
+one small function whose docstring is its help; user errors print one line to stderr and exit 2."""
 from __future__ import annotations
 
 import argparse
@@ -8,31 +8,20 @@ import os
 import sys
 from pathlib import Path
 
+from .evaluate import add_arguments as eval_args
+from .loading import add_model_arguments, load_from_args
 from .models import ColmError
+from .train import add_arguments as train_args
 
-from .head import SHIPPED_HEAD  # noqa: F401  (the app and docs refer to it from here too)
-
-
-def _common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", default="default", help="base model: 'default', a directory, a .gguf or a hub id")
-    p.add_argument("--expert", default="default", help="expert model, same forms as --base")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="auto", help="bf16, fp32 or auto (bf16 where the CPU has it)")
+EXPERT_ON, EXPERT_OFF = "\x1b[1;38;5;208m", "\x1b[0m"   # how a terminal shows expert-written text
 
 
-def _load(args, need_head: bool = True):
-    """Load the pair and the head named by ``args`` (the shipped head by default)."""
-    import warnings
-    from .head import UntrainedHeadWarning, load_head
-    from .models import load_pair
-    pair = load_pair(args.base, args.expert, dtype=args.dtype, device=args.device,
-                     progress=lambda m: print(m, file=sys.stderr))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UntrainedHeadWarning)
-        head = load_head(pair, getattr(args, "head", None))
-    if need_head and any(issubclass(w.category, UntrainedHeadWarning) for w in caught):
-        print(f"warning: {caught[0].message}", file=sys.stderr)
-    return pair, head
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``colm generate: error: ...`` on stderr, exit 2 (no usage block)."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def _policy(args, head):
@@ -44,7 +33,7 @@ def _policy(args, head):
 def render_marked(trace, color: bool) -> str:
     """The answer with expert-sourced runs marked: ANSI colour on a terminal, [[...]] otherwise."""
     out, run = [], []
-    open_, close = ("\x1b[1;38;5;208m", "\x1b[0m") if color else ("[[", "]]")
+    open_, close = (EXPERT_ON, EXPERT_OFF) if color else ("[[", "]]")
     for s in trace.steps:
         if s.source == "expert":
             run.append(s.text)
@@ -58,51 +47,86 @@ def render_marked(trace, color: bool) -> str:
     return "".join(out)
 
 
+def stream_marked(traces, color: bool, out=None):
+    """Write each new step's text to ``out`` (stdout) as ``traces`` (``CoLLM.stream``) yields it, expert runs marked as
+    ``render_marked`` marks them, flushing after every token; returns the last trace.  A run left open by an error or
+    Ctrl-C is closed, so the terminal is not left coloured."""
+    out = out or sys.stdout
+    open_, close = (EXPERT_ON, EXPERT_OFF) if color else ("[[", "]]")
+    trace, shown, in_run = None, 0, False
+    try:
+        for trace in traces:
+            for s in trace.steps[shown:]:
+                expert = s.source == "expert"
+                if expert != in_run:
+                    out.write(open_ if expert else close)
+                    in_run = expert
+                out.write(s.text)
+            shown = len(trace.steps)
+            out.flush()
+    finally:
+        out.write((close if in_run else "") + "\n")
+        out.flush()
+    return trace
+
+
+def _summary(trace) -> str:
+    n_exp = sum(s.source == "expert" for s in trace.steps)
+    return (f"\ndeferral rate: {trace.deferral_rate:.1%} ({n_exp}/{len(trace.steps)} tokens from the expert, "
+            f"{trace.expert_calls} expert calls, {trace.tokens_per_second:.1f} tokens/s)")
+
+
 def cmd_generate(args) -> int:
-    """Decode one prompt with Co-LLM (or a baseline policy) and show which tokens came from the expert."""
-    pair, head = _load(args, need_head=args.policy == "colm")
+    """Decode one prompt with Co-LLM (or a baseline policy) and show which tokens came from the expert (streamed, in
+    colour, on a terminal)."""
+    pair, head = load_from_args(args, need_head=args.policy == "colm")
     from .decode import CoLLM
     dec = CoLLM(pair, head)
-    trace = dec.generate(args.prompt, policy=_policy(args, head), max_new_tokens=args.max_new_tokens,
-                         chat=not args.raw)
     if args.json:
+        trace = dec.generate(args.prompt, policy=_policy(args, head), max_new_tokens=args.max_new_tokens,
+                             chat=not args.raw)
         d = trace.to_dict(full=False)
         keys = ("text", "deferral_rate", "expert_calls", "decode_seconds", "tokens_per_second", "base_model",
                 "expert_model", "head", "head_trained", "policy", "stop_reason", "steps")
         print(json.dumps({k: d[k] for k in keys}, ensure_ascii=False))
         return 0
-    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    print(render_marked(trace, color))
-    n_exp = sum(s.source == "expert" for s in trace.steps)
-    print(f"\ndeferral rate: {trace.deferral_rate:.1%} ({n_exp}/{len(trace.steps)} tokens from the expert, "
-          f"{trace.expert_calls} expert calls, {trace.tokens_per_second:.1f} tokens/s)")
+    if sys.stdout.isatty():
+        traces = dec.stream(args.prompt, _policy(args, head), args.max_new_tokens, chat=not args.raw)
+        trace = stream_marked(traces, color=not os.environ.get("NO_COLOR"))
+    else:
+        trace = dec.generate(args.prompt, policy=_policy(args, head), max_new_tokens=args.max_new_tokens,
+                             chat=not args.raw)
+        print(render_marked(trace, color=False))
+    print(_summary(trace))
     return 0
 
 
 def cmd_rollouts(args) -> int:
     """Greedy answers of one model (or of Co-LLM with a head) to GSM8K problems, appended to a JSONL file
-    (resumable: reruns skip what is done)."""
+    (resumable: reruns skip what is done; a manifest beside the file must match the rerun's settings)."""
     from .data import DEFAULT_DATA, read_jsonl, split
     from .decode import CoLLM, Policy
-    from .rollouts import rollout
+    from .runs import data_fingerprint, run_policy
     if args.start < 0 or args.limit < 1:
         raise ColmError("--start must be ≥ 0 and --limit ≥ 1")
     if args.model != "colm" and (args.head or args.threshold is not None):
         raise ColmError("--head and --threshold are for --model colm")
-    train, dev = split(read_jsonl(Path(args.data) if args.data else DEFAULT_DATA), args.dev_size)
+    data = Path(args.data) if args.data else DEFAULT_DATA
+    rows = read_jsonl(data)
+    train, dev = split(rows, args.dev_size)
     examples = (train if args.split == "train" else dev)[args.start:args.start + args.limit]
-    pair, head = _load(args, need_head=args.model == "colm")
+    pair, head = load_from_args(args, need_head=args.model == "colm")
+    dec = CoLLM(pair, head if args.model == "colm" else None)
     if args.model == "colm":
         # Co-LLM's own trajectories: the states its deferral policy visits (the second labelling round).
-        from .evaluate import run_policy
         thr = args.threshold if args.threshold is not None else head.threshold
-        tag = {"model": "colm", "head": head.identity, "threshold": thr}
-        done = run_policy(CoLLM(pair, head), examples, Policy("colm", threshold=thr), Path(args.out), args.batch_size,
-                          args.max_new_tokens, window=8, tag=tag)
+        policy, tag = Policy("colm", threshold=thr), {"model": "colm", "head": head.identity, "threshold": thr}
     else:
-        model = pair.expert if args.model == "expert" else pair.base
-        done = rollout(model, pair.tokenizer, examples, args.out, args.batch_size, args.max_new_tokens,
-                       CoLLM(pair).encode, role=args.model)
+        # The base's or the expert's greedy answers: the same Co-LLM loop under a pure policy (any engine; it stops
+        # where every decode stops).
+        policy, tag = Policy(args.model), {"model": args.model}
+    done = run_policy(dec, examples, policy, Path(args.out), args.batch_size, args.max_new_tokens, window=8, tag=tag,
+                      data=data_fingerprint(rows), restart=args.restart, data_file=data.name)
     ok = sum(done[e.index]["correct"] for e in examples)
     print(f"{len(examples)} answers in {args.out}; {ok / len(examples):.1%} correct")
     return 0
@@ -120,11 +144,32 @@ def cmd_evaluate(args) -> int:
     return eval_main(args)
 
 
+def cmd_app(args) -> int:
+    """Run the Gradio demo (app.py).  Every option after `app` goes to the demo: `colm app --help` lists them."""
+    try:
+        import app
+    except ModuleNotFoundError as e:
+        if e.name == "app":
+            raise ColmError("the demo (app.py) is not importable: run from a checkout, or install it with "
+                            "`pip install -e .`") from None
+        raise ColmError(f"the demo needs {e.name}: pip install -r requirements.txt") from None
+    prog, sys.argv[0] = sys.argv[0], "colm app"   # the demo's own parser names itself after argv[0]
+    try:
+        return app.main(args.app_args)
+    finally:
+        sys.argv[0] = prog
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="colm", description="Co-LLM: a base model that learns when to defer to an expert.")
+    p = _Parser(prog="colm", description="Co-LLM: a base model that learns when to defer to an expert.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
+    def command(name, func, **kw):
+        s = sub.add_parser(name, help=func.__doc__, description=func.__doc__, **kw)
+        s.set_defaults(func=func)
+        return s
+
+    g = command("generate", cmd_generate)
     g.add_argument("prompt")
     g.add_argument("--threshold", type=float, default=None, help="defer when p_defer > this (default: the head's)")
     g.add_argument("--policy", default="colm", choices=["colm", "base", "expert", "random", "confidence"])
@@ -135,10 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head", default=None, help="deferral head .safetensors (default: the shipped head)")
     g.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of marked text")
-    _common_model_args(g)
-    g.set_defaults(func=cmd_generate)
+    add_model_arguments(g)
 
-    r = sub.add_parser("rollouts", help=cmd_rollouts.__doc__, description=cmd_rollouts.__doc__)
+    r = command("rollouts", cmd_rollouts)
     r.add_argument("--model", default="expert", choices=["expert", "base", "colm"],
                    help="colm: Co-LLM's answers with --head at its threshold (labels along its own trajectories)")
     r.add_argument("--head", default=None, help="--model colm: deferral head .safetensors (default: the shipped head)")
@@ -153,25 +197,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--max-new-tokens", type=int, default=256)
-    _common_model_args(r)
-    r.set_defaults(func=cmd_rollouts)
+    r.add_argument("--restart", action="store_true",
+                   help="if --out was written with other settings (or has no manifest), move it aside "
+                        "(OUT.replaced-TIME) and start again instead of stopping with an error")
+    add_model_arguments(r)
 
-    from .train import add_arguments as train_args
-    t = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    t = command("train", cmd_train)
     train_args(t)
-    _common_model_args(t)
-    t.set_defaults(func=cmd_train)
+    add_model_arguments(t)
 
-    from .evaluate import add_arguments as eval_args
-    e = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
+    e = command("evaluate", cmd_evaluate)
     eval_args(e)
-    _common_model_args(e)
-    e.set_defaults(func=cmd_evaluate)
+    add_model_arguments(e)
+
+    # The demo parses its own options (app.main): everything after `app`, --help included, goes to it.
+    command("app", cmd_app, add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.func is cmd_app:
+        args.app_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except ColmError as e:

@@ -1,24 +1,25 @@
 """Threshold selection and evaluation: the accuracy-vs-deferral curve, against the paper's baselines.
 
-Every decode is a resumable JSONL run in ``--out``/runs/, one line per problem, so an evaluation can stop and
-resume (or be extended) without redoing work.  Pure policies (base-only, expert-only) go through the model's own
-``generate`` — identical tokens to the Co-LLM loop under those policies (tested), without running the idle model.
+Every decode, Co-LLM and baselines alike, is a resumable run file in ``--out``/runs/ written by
+``colm.runs.run_policy`` (one line per problem, a manifest beside it that a resume must match), so an evaluation can
+stop and resume (or be extended) without redoing work, and never resumes from a file another setting wrote.
+The random baseline runs with several seeds (0, 1, 2 by default) and is reported as their mean ± sd.
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
-import time
+import statistics
 from pathlib import Path
 
 import torch
 
-from .data import Example, is_correct, messages
+from .data import Example
 from .decode import CoLLM, Policy
 from .models import ColmError
-from .rollouts import append_records, read_done, rollout, sort_in_windows
+from .runs import data_fingerprint, run_policy  # noqa: F401  (run_policy re-exported: colm.evaluate.run_policy)
 
+RANDOM_SEEDS = (0, 1, 2)
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -29,38 +30,6 @@ def quantile_thresholds(p: torch.Tensor, fractions=FRACTIONS) -> list[float]:
     """
     p = p.double().flatten()
     return [1.0 if f <= 0 else float(torch.quantile(p, 1.0 - f)) for f in fractions]
-
-
-def run_policy(dec: CoLLM, examples: list[Example], policy: Policy, path: Path, batch_size: int = 16,
-               max_new_tokens: int = 256, progress: bool = True, window: int | None = None,
-               tag: dict | None = None) -> dict[int, dict]:
-    """Decode every example not yet in ``path`` under ``policy``; one JSON line per problem (plus ``tag``'s fields).
-
-    Problems are sorted by length, all at once or (``window``) within windows of that many batches.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done = read_done(path)
-    todo = [e for e in examples if e.index not in done]
-    todo = sort_in_windows(todo, lambda e: len(e.question), batch_size * window if window else len(todo))
-    bar = None
-    if progress and todo:
-        from tqdm import tqdm
-        bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=path.stem, file=sys.stderr)
-    for s in range(0, len(todo), batch_size):
-        chunk = todo[s:s + batch_size]
-        t0 = time.perf_counter()
-        traces = dec.generate_batch([messages(e.question) for e in chunk], policy, max_new_tokens)
-        dt = time.perf_counter() - t0
-        recs = [{"index": e.index, "ids": tr.token_ids, "text": tr.text, "correct": is_correct(tr.text, e.answer),
-                 "deferral": tr.deferral_rate, "expert_calls": tr.expert_calls, "batch_seconds": dt,
-                 "batch_tokens": sum(len(t.steps) for t in traces), **(tag or {})} for e, tr in zip(chunk, traces)]
-        append_records(path, recs)
-        done.update((r["index"], r) for r in recs)
-        if bar:
-            bar.update(len(chunk))
-    if bar:
-        bar.close()
-    return {e.index: done[e.index] for e in examples}
 
 
 def summarize(records: dict[int, dict], pure: str | None = None) -> dict:
@@ -135,27 +104,55 @@ def choose(points: list[dict], max_deferral: float | None = None) -> dict:
     return max(ok, key=lambda r: (r["accuracy"], -r["deferral"]))
 
 
+def random_spread(rate: float, per_seed: list[dict]) -> dict:
+    """Random deferral at one rate over several seeds: the means (as ``accuracy``/``deferral``, so it reads like any
+    other point), their sample sd, min and max, and every seed's own point under ``per_seed``."""
+    out = {"rate": rate, "seeds": [p["seed"] for p in per_seed], "n": per_seed[0]["n"]}
+    for k in ("accuracy", "deferral", "mean_tokens"):
+        xs = [p[k] for p in per_seed]
+        out[k] = statistics.fmean(xs)
+        out[f"{k}_sd"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        if k == "accuracy":
+            out["accuracy_min"], out["accuracy_max"] = min(xs), max(xs)
+    out["per_seed"] = per_seed
+    return out
+
+
 def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS, sweep_examples=None,
              thresholds: list[float] | None = None, batch_size: int = 16, max_new_tokens: int = 256,
              baselines: bool = True, on_update=None, baseline_rate: float | None = None,
-             max_deferral: float | None = None, random_rates=()) -> dict:
+             max_deferral: float | None = None, random_rates=(), random_seeds=RANDOM_SEEDS, data: dict | None = None,
+             restart: bool = False, data_file: str | None = None) -> dict:
     """Sweep (or take) thresholds, pick the best on ``sweep_examples``, then evaluate it and the baselines on all
     ``examples``: base-only, expert-only, random and confidence deferral at the chosen point's frequency (or at
     ``baseline_rate``, which lets those two run in parallel with the Co-LLM decode and be picked up from their files).
     ``max_deferral`` restricts the choice to points within that budget; ``random_rates`` adds random deferral at
-    those frequencies too, for the random curve of the paper's plot.
+    those frequencies too, for the random curve of the paper's plot.  Random deferral runs once per seed in
+    ``random_seeds`` (files ``random-RATE-seedS.jsonl``) and is reported as mean ± sd with the per-seed points.
+    ``data`` identifies the data file (``colm.runs.data_fingerprint``; default: of ``examples``); ``restart``
+    moves aside run files written by other settings instead of refusing them (``colm.runs.open_run``).
     ``on_update(results)`` is called after every stage, so a long run leaves partial results behind."""
     on_update = on_update or (lambda r: None)
     runs = out / "runs"
     sweep_examples = sweep_examples or examples
+    random_seeds = list(random_seeds)
+    if baselines and not random_seeds:
+        raise ColmError("the random baseline needs at least one seed")
     pair = dec.pair
-    base = rollout(pair.base, pair.tokenizer, examples, runs / "base.jsonl", batch_size, max_new_tokens, dec.encode)
+    data = data or data_fingerprint(examples)
+
+    def run(policy: Policy, name: str, exs: list[Example], **kw) -> dict[int, dict]:
+        tag = {"model": policy.name} if policy.name in ("base", "expert") else None
+        return run_policy(dec, exs, policy, runs / f"{name}.jsonl", batch_size, max_new_tokens, tag=tag, data=data,
+                          restart=restart, data_file=data_file, **kw)
+
+    base = run(Policy("base"), "base", examples)
     results: dict = {"n_examples": len(examples), "n_sweep": len(sweep_examples), "max_new_tokens": max_new_tokens,
-                     "base_model": pair.base_id, "expert_model": pair.expert_id, "head": dec.head.identity}
+                     "base_model": pair.base_id, "expert_model": pair.expert_id, "head": dec.head.identity,
+                     "engine": pair.engine}
     results["base"] = summarize(base, "base")
     if baselines:
-        expert = rollout(pair.expert, pair.tokenizer, examples, runs / "expert.jsonl", batch_size, max_new_tokens,
-                         dec.encode)
+        expert = run(Policy("expert"), "expert", examples)
         results["expert"] = summarize(expert, "expert")
         results["proxy"] = disagreement_proxy(dec, sweep_examples, expert)
         on_update(results)
@@ -171,9 +168,7 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
         if thr >= 1.0:
             # p_defer ≤ 1 never exceeds η = 1: the base-only tokens (tested), so the base's decode stands in.
             return {"threshold": thr, **summarize({e.index: base[e.index] for e in exs}, "base"), "expert_calls": 0}
-        recs = run_policy(dec, exs, Policy("colm", threshold=thr), runs / f"colm-{thr:.6f}.jsonl", batch_size,
-                          max_new_tokens)
-        return {"threshold": thr, **summarize(recs)}
+        return {"threshold": thr, **summarize(run(Policy("colm", threshold=thr), f"colm-{thr:.6f}", exs))}
 
     results["colm"], results["random"] = [], []
     for thr in thresholds:
@@ -187,16 +182,18 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
     if baselines:
         f = round(results["chosen"]["deferral"] if baseline_rate is None else baseline_rate, 3)
         for rate in sorted({f, *(round(r, 3) for r in random_rates)}):
-            rnd = run_policy(dec, examples, Policy("random", rate=rate, seed=0), runs / f"random-{rate:.3f}.jsonl",
-                             batch_size, max_new_tokens)
-            results["random"].append({"rate": rate, **summarize(rnd)})
+            per_seed = []
+            for seed in random_seeds:
+                rnd = run(Policy("random", rate=rate, seed=seed), f"random-{rate:.3f}-seed{seed}", examples)
+                per_seed.append({"seed": seed, **summarize(rnd)})
+            results["random"].append(random_spread(rate, per_seed))
             on_update(results)
-        # The confidence policy's cut-off giving the same share of tokens along the base's answers.  The file is
-        # named by that share, not by the cut-off, so a rerun whose teacher-forced pass rounds differently (another
-        # thread count) still finds it.
+        # The confidence policy's cut-off giving the same share of tokens along the base's answers.  The file (and its
+        # manifest) is named by that share, not by the cut-off, so a rerun whose teacher-forced pass rounds
+        # differently (another thread count) still finds it.
         min_prob = float(torch.quantile(top.double(), f)) if f > 0 else 0.0
-        conf = run_policy(dec, examples, Policy("confidence", min_prob=min_prob), runs / f"confidence-{f:.3f}.jsonl",
-                          batch_size, max_new_tokens)
+        conf = run(Policy("confidence", min_prob=min_prob), f"confidence-{f:.3f}", examples,
+                   key={"name": "confidence", "deferral_share": f})
         results["confidence"] = [{"min_prob": min_prob, **summarize(conf)}]
         on_update(results)
     return results
@@ -222,6 +219,12 @@ def add_arguments(p) -> None:
                    help="choose the best threshold among those deferring at most this share of tokens (a budget)")
     p.add_argument("--random-rates", default=None,
                    help="comma-separated extra deferral frequencies for the random baseline (its curve)")
+    p.add_argument("--random-seeds", default=",".join(map(str, RANDOM_SEEDS)),
+                   help="comma-separated seeds for the random baseline, reported as mean ± sd over them")
+    p.add_argument("--restart", action="store_true",
+                   help="a run file under OUT/runs/ written with other settings (or without a manifest) is moved aside "
+                        "(NAME.jsonl.replaced-TIME) and decoded again, instead of stopping with an error; matching "
+                        "runs are still reused")
     p.add_argument("--write-threshold", action="store_true", help="store the chosen threshold in the head file")
 
 
@@ -236,21 +239,32 @@ def _fractions(text: str, flag: str) -> list[float]:
     return out
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ColmError(f"--random-seeds takes comma-separated integers, got {text!r}") from None
+    if any(x < 0 for x in out) or len(set(out)) != len(out):
+        raise ColmError(f"--random-seeds must be distinct integers ≥ 0, got {text}")
+    return out
+
+
 def main(args) -> int:
-    from .cli import _load
     from .data import DEFAULT_DATA, read_jsonl, split
+    from .loading import load_from_args
     # Checked before the models load (a minute), so a typo fails at once.
     for flag, value in (("--baseline-rate", args.baseline_rate), ("--max-deferral", args.max_deferral)):
         if value is not None:
             _fractions(str(value), flag)
     random_rates = _fractions(args.random_rates, "--random-rates") if args.random_rates else []
+    random_seeds = _seeds(args.random_seeds)
     fractions = _fractions(args.fractions, "--fractions")
     thresholds = _fractions(args.thresholds, "--thresholds") if args.thresholds else None   # η is a probability
     data = Path(args.data) if args.data else DEFAULT_DATA
     rows = read_jsonl(data)
     examples = split(rows, args.dev_size)[1] if args.split == "dev" else rows
     examples = examples[:args.limit]
-    pair, head = _load(args, need_head=True)
+    pair, head = load_from_args(args, need_head=True)
     if not head.trained:
         raise ColmError("evaluate needs a trained head (--head PATH)")
     dec = CoLLM(pair, head)
@@ -266,14 +280,15 @@ def main(args) -> int:
 
     res = evaluate(dec, examples, out, fractions, sweep, thresholds, args.batch_size, args.max_new_tokens,
                    not args.no_baselines, on_update=save, baseline_rate=args.baseline_rate,
-                   max_deferral=args.max_deferral, random_rates=random_rates)
+                   max_deferral=args.max_deferral, random_rates=random_rates, random_seeds=random_seeds,
+                   data=data_fingerprint(rows), restart=args.restart, data_file=data.name)
     save(res)
     from .viz import curve_figure
     curve_figure(res).write_html(str(out / "curve.html"), include_plotlyjs=True)
     if args.write_threshold:
         head_path = Path(args.head) if args.head else None
         if head_path is None:
-            from .cli import SHIPPED_HEAD
+            from .head import SHIPPED_HEAD
             head_path = SHIPPED_HEAD
         head.meta["threshold"] = res["chosen"]["threshold"]
         keep = ("n_examples", "max_new_tokens", "max_deferral", "base", "expert", "chosen", "colm", "random",

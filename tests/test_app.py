@@ -24,7 +24,7 @@ N = 24
 
 @pytest.fixture(scope="module")
 def dec(pair):
-    return CoLLM(pair, make_test_head(pair.base.config.hidden_size))  # conftest's head, at module scope
+    return CoLLM(pair, make_test_head(pair.base.hidden_size))  # conftest's head, at module scope
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ SUMMARY = "document.querySelector('#summary').innerText"
 
 @pytest.fixture(scope="module")
 def served(pair):
-    dec = CoLLM(pair, make_test_head(pair.base.config.hidden_size))  # conftest's head, at module scope
+    dec = CoLLM(pair, make_test_head(pair.base.hidden_size))  # conftest's head, at module scope
     demo = app.build_app(dec, default_max_new=N)
     port = free_port()
     app.serve(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)

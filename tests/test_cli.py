@@ -94,3 +94,108 @@ def test_rollouts_rejects_bad_arguments(tmp_path, capsys, args, msg):
 def test_evaluate_rejects_shares_outside_0_1(tmp_path, capsys, flag, value, msg):
     assert main(["evaluate", flag, value, "--out", str(tmp_path / "o")]) == 2
     assert msg in capsys.readouterr().err
+
+
+class FakeTerminal:
+    """A stdout that says it is a terminal and logs every write and flush, in order."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.log.append(("write", s))
+        return len(s)
+
+    def flush(self):
+        self.log.append(("flush", None))
+
+
+def test_generate_streams_in_colour_on_a_terminal(pair_dirs, monkeypatch):
+    """On a terminal each token is printed (and flushed) as soon as it is decoded, expert runs in colour, then the
+    summary; the whole equals the marked rendering of the finished trace."""
+    from colm import cli
+    from colm.decode import CoLLM
+    log, traces = [], []
+    real_stream = CoLLM.stream
+
+    def stream(self, *a, **kw):
+        for tr in real_stream(self, *a, **kw):
+            traces.append(tr)
+            log.append(("yield", len(tr.steps)))
+            yield tr
+    monkeypatch.setattr(CoLLM, "stream", stream)
+    monkeypatch.setattr(sys, "stdout", FakeTerminal(log))
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    code = cli.main(["generate", "hi", "--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"),
+                     "--policy", "random", "--rate", "0.5", "--max-new-tokens", "10", "--dtype", "fp32"])
+    assert code == 0
+    trace = traces[-1]
+    sources = [s.source for s in trace.steps]
+    assert "expert" in sources and "base" in sources and len(trace.steps) > 2
+    out = "".join(s for kind, s in log if kind == "write")
+    answer, summary = out.split("\n", 1)
+    assert answer == cli.render_marked(trace, color=True)
+    assert "\x1b[" in answer and "deferral rate:" in summary
+    # Each token's text is written (and flushed) before the next token is decoded.
+    for k, s in enumerate(trace.steps):
+        next_yield = log.index(("yield", k + 2)) if k + 1 < len(trace.steps) else len(log)
+        written = "".join(x for kind, x in log[:next_yield] if kind == "write")
+        assert "".join(t.text for t in trace.steps[:k + 1]) in written.replace(cli.EXPERT_ON, "").replace(
+            cli.EXPERT_OFF, "")
+        assert ("flush", None) in log[log.index(("yield", k + 1)):next_yield]
+    # ANSI codes open before each expert run and close after it.
+    for k, s in enumerate(trace.steps):
+        if s.source == "expert" and (k == 0 or trace.steps[k - 1].source != "expert"):
+            assert cli.EXPERT_ON + s.text in answer
+    assert answer.count(cli.EXPERT_ON) == answer.count(cli.EXPERT_OFF)
+
+
+def test_stream_marked_closes_the_colour_on_interrupt():
+    """Ctrl-C in the middle of an expert run leaves the terminal uncoloured."""
+    from colm.cli import EXPERT_OFF, EXPERT_ON, stream_marked
+    steps = [Step(0, 0, "a", "base", 0.1, []), Step(1, 1, " b", "expert", 0.9, [])]
+
+    def traces():
+        for k in (1, 2):
+            yield Trace("p", [], {"name": "colm"}, steps[:k])
+        raise KeyboardInterrupt
+    log = []
+    with pytest.raises(KeyboardInterrupt):
+        stream_marked(traces(), color=True, out=FakeTerminal(log))
+    assert "".join(s for kind, s in log if kind == "write") == f"a{EXPERT_ON} b{EXPERT_OFF}\n"
+
+
+def test_generate_not_a_terminal_keeps_brackets(pair_dirs, monkeypatch, capsys):
+    from colm import cli
+    code = cli.main(["generate", "hi", "--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"),
+                     "--policy", "expert", "--max-new-tokens", "4", "--dtype", "fp32"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("[[") and "]]\n\ndeferral rate: 100.0%" in out and "\x1b[" not in out
+
+
+def test_app_help_lists_the_demo_options():
+    r = run("app", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "usage: colm app" in r.stdout and "--port" in r.stdout and "--share" in r.stdout
+
+
+def test_app_passes_its_arguments_through(monkeypatch):
+    import app
+    seen = []
+    monkeypatch.setattr(app, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["app", "--port", "7999", "--base", "some/dir", "--share"]) == 0
+    assert seen == [["--port", "7999", "--base", "some/dir", "--share"]]
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("colm generate: error:")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "hi", "--bogus"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--bogus" in err

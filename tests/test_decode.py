@@ -21,18 +21,27 @@ def hf_greedy(model, ids, n, n_vocab):
 
 
 class CallCounter:
-    def __init__(self, model):
-        self.n = 0
-        model.register_forward_pre_hook(self)
+    """Counts an engine's forward calls (feeds that carry at least one token); works on every engine."""
 
-    def __call__(self, *_):
-        self.n += 1
+    def __init__(self, engine):
+        self.n, self.engine, self.feed = 0, engine, engine.feed
+        engine.feed = self
+
+    def __call__(self, rows, tokens, *a, **k):
+        self.n += any(tokens)
+        return self.feed(rows, tokens, *a, **k)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        del self.engine.feed
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_threshold_one_is_exactly_base_generate(decoder, pair, prompt):
     tr = decoder.generate(prompt, threshold=1.0, max_new_tokens=24)
-    want = hf_greedy(pair.base, tr.prompt_ids, len(tr.steps), len(pair.tokenizer))
+    want = hf_greedy(pair.base.model, tr.prompt_ids, len(tr.steps), len(pair.tokenizer))
     assert tr.token_ids == want
     assert all(s.source == "base" for s in tr.steps)
 
@@ -40,14 +49,14 @@ def test_threshold_one_is_exactly_base_generate(decoder, pair, prompt):
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_always_defer_is_exactly_expert_generate(decoder, pair, prompt):
     tr = decoder.generate(prompt, policy=Policy("expert"), max_new_tokens=24)
-    assert tr.token_ids == hf_greedy(pair.expert, tr.prompt_ids, len(tr.steps), len(pair.tokenizer))
+    assert tr.token_ids == hf_greedy(pair.expert.model, tr.prompt_ids, len(tr.steps), len(pair.tokenizer))
     assert tr.deferral_rate == 1.0
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7, 1.0])
 def test_expert_forward_passes_equal_deferred_tokens(pair, head, threshold):
-    calls = CallCounter(pair.expert)
-    tr = CoLLM(pair, head).generate(PROMPTS[0], threshold=threshold, max_new_tokens=30)
+    with CallCounter(pair.expert) as calls:
+        tr = CoLLM(pair, head).generate(PROMPTS[0], threshold=threshold, max_new_tokens=30)
     deferred = sum(s.source == "expert" for s in tr.steps)
     assert calls.n == deferred == tr.expert_calls
     if deferred:
@@ -84,8 +93,8 @@ def test_redecode_equals_full_decode(pair, head, old, new):
     dec = CoLLM(pair, head)
     first = dec.generate(PROMPTS[0], threshold=old, max_new_tokens=40)
     first_ids = first.token_ids
-    calls = CallCounter(pair.base)
-    re = dec.redecode(first, new, max_new_tokens=40)
+    with CallCounter(pair.base) as calls:
+        re = dec.redecode(first, new, max_new_tokens=40)
     base_calls_redecode = calls.n
     full = dec.generate(PROMPTS[0], threshold=new, max_new_tokens=40)
     assert re.token_ids == full.token_ids
@@ -134,8 +143,8 @@ def test_batched_equals_single(pair, head, policy):
 
 
 def test_batched_expert_calls_shared(pair, head):
-    calls = CallCounter(pair.expert)
-    batch = CoLLM(pair, head).generate_batch(PROMPTS, Policy("colm", threshold=0.5), max_new_tokens=20)
+    with CallCounter(pair.expert) as calls:
+        batch = CoLLM(pair, head).generate_batch(PROMPTS, Policy("colm", threshold=0.5), max_new_tokens=20)
     steps_with_any_deferral = len({s.position for tr in batch for s in tr.steps if s.source == "expert"})
     assert calls.n == steps_with_any_deferral
 
@@ -159,12 +168,12 @@ def test_stops_on_eos(pair, head, tok):
     eos = tok.eos_token_id
     # Make the base prefer EOS strongly: bias its LM head row.
     with torch.no_grad():
-        old = pair.base.lm_head.weight[eos].clone()
-        pair.base.lm_head.weight[eos] += 50 * pair.base.model.norm.weight.sign()
+        old = pair.base.model.lm_head.weight[eos].clone()
+        pair.base.model.lm_head.weight[eos] += 50 * pair.base.model.model.norm.weight.sign()
         try:
             tr = dec.generate(PROMPTS[0], threshold=1.0, max_new_tokens=10)
         finally:
-            pair.base.lm_head.weight[eos] = old
+            pair.base.model.lm_head.weight[eos] = old
     assert tr.stop_reason == "eos" and tr.steps[-1].token_id == eos and len(tr.steps) < 10
 
 
@@ -246,7 +255,7 @@ def test_hundred_thousand_characters_refused_cleanly(decoder):
 
 def test_request_past_the_context_window_refused(pair, head):
     dec = CoLLM(pair, head, max_prompt_tokens=10_000)
-    ctx = pair.base.config.max_position_embeddings
+    ctx = pair.base.n_ctx
     with pytest.raises(ColmError, match="context"):
         dec.generate("hello", threshold=0.5, max_new_tokens=ctx)
     with pytest.raises(ColmError, match="context"):

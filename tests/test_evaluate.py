@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from colm.cli import main
+from colm.decode import Policy
 from colm.evaluate import choose
 from colm.models import ColmError
 from colm.head import DeferralHead
 
 
-def test_evaluate_end_to_end_on_tiny_pair(pair_dirs, tmp_path):
+def test_evaluate_end_to_end_on_tiny_pair(pair_dirs, tmp_path, capsys):
     data = tmp_path / "gsm.jsonl"
     data.write_text("".join(json.dumps({"question": f"Tom has {i} apples and buys {i + 1} more. How many?",
                                         "answer": f"{i}+{i + 1} = <<{i}+{i + 1}={2 * i + 1}>>{2 * i + 1}\n#### {2 * i + 1}"}) + "\n"
@@ -32,6 +33,17 @@ def test_evaluate_end_to_end_on_tiny_pair(pair_dirs, tmp_path):
     assert defs[0] == 0.0 and defs[-1] > 0.0
     assert res["chosen"]["threshold"] in [p["threshold"] for p in res["colm"]]
     assert res["random"][0]["rate"] == round(res["chosen"]["deferral"], 3) and res["confidence"]
+    # Random deferral: seeds 0, 1, 2, one run file each, reported as mean ± sd with the per-seed points.
+    rnd = res["random"][0]
+    assert rnd["seeds"] == [0, 1, 2] and [p["seed"] for p in rnd["per_seed"]] == [0, 1, 2]
+    accs = [p["accuracy"] for p in rnd["per_seed"]]
+    assert rnd["accuracy"] == pytest.approx(sum(accs) / 3) and rnd["accuracy_sd"] >= 0
+    assert rnd["accuracy_min"] == min(accs) and rnd["accuracy_max"] == max(accs)
+    assert all((out / "runs" / f"random-{rnd['rate']:.3f}-seed{s}.jsonl").exists() for s in (0, 1, 2))
+    # Every run file has its manifest beside it.
+    files = sorted(p.name for p in (out / "runs").iterdir())
+    assert [f for f in files if f.endswith(".jsonl")] and all(
+        f.replace(".jsonl", ".manifest.json") in files for f in files if f.endswith(".jsonl"))
     assert {"auc", "recall_at_30pct", "disagreement_rate"} <= set(res["proxy"])
     assert (out / "curve.html").stat().st_size > 10_000
     stored = DeferralHead.load(tmp_path / "h.safetensors")
@@ -50,7 +62,7 @@ def test_evaluate_end_to_end_on_tiny_pair(pair_dirs, tmp_path):
                  "--thresholds", str(res["chosen"]["threshold"]), "--max-new-tokens", "6", "--batch-size", "2",
                  "--dtype", "fp32", "--baseline-rate", "0.5"]) == 0
     res2 = json.loads((out / "results.json").read_text())
-    assert res2["random"][0]["rate"] == 0.5 and (out / "runs" / "random-0.500.jsonl").exists()
+    assert res2["random"][0]["rate"] == 0.5 and (out / "runs" / "random-0.500-seed2.jsonl").exists()
     # A budget keeps the choice within it (0 % allows only the never-defer point); extra random rates make a curve.
     thr = ",".join(str(p["threshold"]) for p in res["colm"])
     assert main(["evaluate", "--data", str(data), "--split", "file", "--limit", "4", "--head", str(tmp_path / "h.safetensors"),
@@ -60,7 +72,19 @@ def test_evaluate_end_to_end_on_tiny_pair(pair_dirs, tmp_path):
     res3 = json.loads((out / "results.json").read_text())
     assert res3["chosen"]["threshold"] == 1.0 and res3["chosen"]["deferral"] == 0.0 and res3["max_deferral"] == 0.0
     assert [r["rate"] for r in res3["random"]] == [0.0, 0.25, 0.5]
-    assert len(json.loads((out / "runs" / "random-0.250.jsonl").read_text().splitlines()[0])["ids"]) > 0
+    assert len(json.loads((out / "runs" / "random-0.250-seed0.jsonl").read_text().splitlines()[0])["ids"]) > 0
+    # Other settings never resume these files: a different --max-new-tokens stops with the field named, and
+    # --restart moves the old files aside and decodes again.
+    again = ["evaluate", "--data", str(data), "--split", "file", "--limit", "4", "--head", str(tmp_path / "h.safetensors"),
+             "--out", str(out), "--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"),
+             "--thresholds", thr, "--max-new-tokens", "4", "--batch-size", "2", "--dtype", "fp32", "--no-baselines"]
+    capsys.readouterr()
+    assert main(again) == 2
+    err = capsys.readouterr().err
+    assert "base.jsonl" in err and "max_new_tokens: 6 in the file, 4 now" in err and "--restart" in err
+    assert main(again + ["--restart"]) == 0
+    assert [p.name for p in (out / "runs").glob("base.jsonl.replaced-*")]
+    assert all(len(r["ids"]) <= 4 for r in map(json.loads, (out / "runs" / "base.jsonl").read_text().splitlines()))
 
 
 @pytest.mark.parametrize("thresholds, baselines, passes", [(None, False, 1), ([0.5], True, 1), ([0.5], False, 0)],
@@ -95,24 +119,209 @@ def test_choose_refuses_a_budget_no_point_meets():
 
 
 
+def examples(n, words=None):
+    from colm.data import Example
+    return [Example(i, f"Tom has {i} apples and buys {i + 1} more. How many?" if words is None else words(i),
+                    "", str(2 * i + 1)) for i in range(n)]
+
+
+TIMING = ("batch_seconds", "batch_tokens")
+
+
+def strip_timing(recs):
+    return {i: {k: v for k, v in r.items() if k not in TIMING} for i, r in recs.items()}
+
+
 def test_rollouts_never_pick_the_expert_s_padded_vocabulary_rows(pair, tmp_path):
     """The tiny expert has 8 embedding rows past the tokenizer; even when they score highest, a rollout (like the
     decoder) must choose among real tokens."""
-    from colm.data import Example
     from colm.decode import CoLLM
     from colm.rollouts import rollout
     n = len(pair.tokenizer)
-    assert pair.expert.config.vocab_size > n
+    assert pair.expert.model.config.vocab_size > n
 
     def boost(_mod, _inp, out):
         out[..., n:] += 1e4
         return out
-    hook = pair.expert.lm_head.register_forward_hook(boost)
+    hook = pair.expert.model.lm_head.register_forward_hook(boost)
     try:
-        ex = [Example(i, f"Tom has {i} apples. How many?", "#### 1", "1") for i in range(3)]
-        recs = rollout(pair.expert, pair.tokenizer, ex, tmp_path / "r.jsonl", batch_size=2, max_new_tokens=5,
-                       encode=CoLLM(pair).encode, progress=False)
+        recs = rollout(CoLLM(pair), "expert", examples(3), tmp_path / "r.jsonl", batch_size=2, max_new_tokens=5,
+                       progress=False)
     finally:
         hook.remove()
     ids = [t for r in recs.values() for t in r["ids"]]
-    assert ids and max(ids) < n
+    assert ids and max(ids) < n and {r["model"] for r in recs.values()} == {"expert"}
+
+
+def test_base_rollouts_stop_where_the_decoder_stops(pair, tok, tmp_path):
+    """A base rollout file and CoLLM.generate under the base policy agree token for token, answers and accuracy,
+    also when the base ends with <|endoftext|>: an end token of CoLLM.eos_ids that is not in the model's own
+    generation_config (the old model.generate rollouts ran on past it)."""
+    from colm.data import is_correct, messages
+    from colm.decode import CoLLM
+    from colm.rollouts import rollout
+    dec = CoLLM(pair)
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    gen_eos = pair.base.model.generation_config.eos_token_id
+    assert eot in dec.eos_ids and eot not in (gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    ex = examples(6)
+    m = pair.base.model
+    with torch.no_grad():
+        old = m.lm_head.weight[eot].clone()
+        m.lm_head.weight[eot] += 5 * m.model.norm.weight.sign()   # the base now ends some answers with it
+        try:
+            recs = rollout(dec, "base", ex, tmp_path / "base.jsonl", batch_size=4, max_new_tokens=12, progress=False)
+            want = {e.index: dec.generate(messages(e.question), policy=Policy("base"), max_new_tokens=12) for e in ex}
+        finally:
+            m.lm_head.weight[eot] = old
+    ended = [i for i, tr in want.items() if tr.stop_reason == "eos" and tr.token_ids[-1] == eot]
+    assert ended and any(len(want[i].token_ids) > 1 for i in ended)   # the case this test is about happened
+    for e in ex:
+        assert recs[e.index]["ids"] == want[e.index].token_ids and recs[e.index]["text"] == want[e.index].text
+        assert recs[e.index]["correct"] == is_correct(want[e.index].text, e.answer)
+        assert recs[e.index]["model"] == "base" and recs[e.index]["stop_reason"] == want[e.index].stop_reason
+
+
+def test_rollouts_resume_skip_torn_lines_and_return_only_requested(pair, tmp_path):
+    from colm.decode import CoLLM
+    from colm.rollouts import read_done, rollout
+    dec = CoLLM(pair)
+    ex = examples(5)
+    out = tmp_path / "r.jsonl"
+    first = rollout(dec, "base", ex[:3], out, batch_size=2, max_new_tokens=6, progress=False)
+    assert sorted(first) == [0, 1, 2]
+    with open(out, "a") as f:
+        f.write('{"index": 3, "ids": [1, 2')  # a line torn by a kill
+    again = rollout(dec, "base", ex, out, batch_size=2, max_new_tokens=6, progress=False)
+    assert sorted(again) == [0, 1, 2, 3, 4] and again[0] == first[0]
+    assert sorted(read_done(out)) == [0, 1, 2, 3, 4]
+    assert all(json.loads(line) for line in out.read_text().splitlines())
+    assert sorted(rollout(dec, "base", ex[:2], out, max_new_tokens=6, progress=False)) == [0, 1]
+
+
+@pytest.mark.parametrize("window, first_batch", [(1, {0, 1}), (3, {4, 5})])
+def test_rollouts_sort_by_length_only_within_a_window(pair, tmp_path, window, first_batch):
+    """Prompts get shorter down the list; a stopped run must have answered the first problems, not the shortest."""
+    from colm.decode import CoLLM
+    from colm.rollouts import rollout
+    out = tmp_path / "r.jsonl"
+    rollout(CoLLM(pair), "base", examples(6, lambda i: "word " * (12 - 2 * i)), out, batch_size=2, max_new_tokens=2,
+            progress=False, window=window)
+    order = [json.loads(line)["index"] for line in out.read_text().splitlines()]
+    assert set(order[:2]) == first_batch and sorted(order) == list(range(6))
+
+
+def test_random_runs_do_not_depend_on_the_batch_size(decoder, tmp_path):
+    """Each problem's random draws come from (seed, its index): batch 1 and batch 3 write the same records."""
+    from colm.runs import run_policy
+    ex = examples(5)
+    pol = Policy("random", rate=0.5, seed=7)
+    one = run_policy(decoder, ex, pol, tmp_path / "b1.jsonl", batch_size=1, max_new_tokens=8, progress=False)
+    three = run_policy(decoder, ex, pol, tmp_path / "b3.jsonl", batch_size=3, max_new_tokens=8, progress=False)
+    assert strip_timing(one) == strip_timing(three)
+    assert any(0 < r["deferral"] < 1 for r in one.values())          # the draws really mix base and expert
+    other = run_policy(decoder, ex, Policy("random", rate=0.5, seed=8), tmp_path / "s8.jsonl", batch_size=3,
+                       max_new_tokens=8, progress=False)
+    assert strip_timing(other) != strip_timing(three)                 # and the seed matters
+
+
+def test_a_run_resumes_only_under_the_settings_that_wrote_it(pair, head, tmp_path, capsys):
+    from colm.decode import CoLLM
+    from colm.runs import data_fingerprint, manifest_path, run_policy
+    ex = examples(3)
+    dec = CoLLM(pair, head)
+    colm = Policy("colm", threshold=0.5)
+    path = tmp_path / "colm-0.500000.jsonl"
+    run_policy(dec, ex[:2], colm, path, batch_size=2, max_new_tokens=4, progress=False)
+    man = json.loads(manifest_path(path).read_text())
+    assert man["match"]["max_new_tokens"] == 4 and man["match"]["engine"] == "torch"
+    assert man["match"]["models"] == {"base": "tiny-base", "expert": "tiny-expert"}
+    assert man["match"]["policy"] == {"name": "colm", "threshold": 0.5} and len(man["match"]["head"]["sha256"]) == 64
+    assert man["info"]["head"] == head.identity and man["info"]["colm_version"]
+    # The same settings resume (and extend) it.
+    assert sorted(run_policy(dec, ex, colm, path, batch_size=2, max_new_tokens=4, progress=False)) == [0, 1, 2]
+    lines = path.read_text()
+    other = make_head_like(head)
+    for kw, field in ((dict(max_new_tokens=5), "max_new_tokens"), (dict(dec=CoLLM(pair, other)), "head.sha256"),
+                      (dict(data=data_fingerprint(examples(4))), "data.questions_sha256")):
+        args = dict(dec=dec, max_new_tokens=4, **kw)
+        with pytest.raises(ColmError, match=f"cannot be resumed: .*{field}"):
+            run_policy(args.pop("dec"), ex, colm, path, batch_size=2, progress=False, **args)
+    assert path.read_text() == lines
+    # Runs that do not read the head may be reused with another one.
+    base = run_policy(dec, ex, Policy("base"), tmp_path / "base.jsonl", max_new_tokens=4, progress=False)
+    assert run_policy(CoLLM(pair, other), ex, Policy("base"), tmp_path / "base.jsonl", max_new_tokens=4,
+                      progress=False) == base
+    # restart moves the old file and manifest aside and decodes again.
+    again = run_policy(dec, ex, colm, path, batch_size=2, max_new_tokens=5, progress=False, restart=True)
+    assert sorted(again) == [0, 1, 2] and json.loads(manifest_path(path).read_text())["match"]["max_new_tokens"] == 5
+    moved = sorted(p.name for p in tmp_path.glob("colm-0.500000.*.replaced-*"))
+    assert len(moved) == 2 and "moved colm-0.500000.jsonl aside" in capsys.readouterr().err
+
+
+def make_head_like(head):
+    import copy
+    other = copy.deepcopy(head)
+    with torch.no_grad():
+        other.linear.weight.mul_(-1)
+    return other
+
+
+def test_a_run_file_without_a_manifest_is_not_trusted(pair, tmp_path):
+    """A run file from before manifests (or copied without its manifest) says nothing about how it was made."""
+    from colm.decode import CoLLM
+    from colm.rollouts import rollout
+    path = tmp_path / "expert.jsonl"
+    path.write_text(json.dumps({"index": 0, "ids": [5], "text": "x", "correct": False, "model": "expert"}) + "\n")
+    with pytest.raises(ColmError, match="no manifest"):
+        rollout(CoLLM(pair), "expert", examples(2), path, max_new_tokens=3, progress=False)
+    recs = rollout(CoLLM(pair), "expert", examples(2), path, max_new_tokens=3, progress=False, restart=True)
+    assert sorted(recs) == [0, 1] and recs[0]["ids"] != [5]
+    assert len(list(tmp_path.glob("expert.jsonl.replaced-*"))) == 1
+
+
+def test_rollouts_cli_refuses_other_settings_and_restarts(pair_dirs, tmp_path, capsys):
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Tom has {i} apples. How many?", "answer": f"#### {i}"}) + "\n"
+                            for i in range(8)))
+    out = tmp_path / "base-train.jsonl"
+    args = ["rollouts", "--model", "base", "--data", str(data), "--dev-size", "2", "--limit", "3", "--out", str(out),
+            "--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"), "--dtype", "fp32",
+            "--batch-size", "2"]
+    assert main(args + ["--max-new-tokens", "3"]) == 0
+    # Same settings, more problems: resumed (the first lines stay as they were).
+    head_lines = out.read_text()
+    assert main(args[:7] + ["5"] + args[8:] + ["--max-new-tokens", "3"]) == 0
+    assert out.read_text().startswith(head_lines) and len(out.read_text().splitlines()) == 5
+    capsys.readouterr()
+    assert main(args + ["--max-new-tokens", "4"]) == 2
+    assert "max_new_tokens: 3 in the file, 4 now" in capsys.readouterr().err
+    assert main(args + ["--max-new-tokens", "4", "--restart"]) == 0
+    assert len(out.read_text().splitlines()) == 3 and len(list(tmp_path.glob("base-train.jsonl.replaced-*"))) == 1
+
+
+def test_committed_runs_carry_manifests_that_name_their_settings():
+    """Every run file committed under data/ has a manifest; the rollouts (which `colm rollouts --engine torch` extends)
+    match what this version writes for the default pair on the default data."""
+    from types import SimpleNamespace
+    from colm.data import DEFAULT_DATA, read_jsonl
+    from colm.runs import data_fingerprint, differences, manifest_path, run_manifest
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent / "data"
+    runs = sorted(root.rglob("*.jsonl"))
+    assert runs
+    for path in runs:
+        man = json.loads(manifest_path(path).read_text())
+        assert man["format"] == "colm-run/1" and man["info"]["reconstructed"] is True, path
+        assert man["match"]["max_new_tokens"] == 256 and man["match"]["engine"] == "torch", path
+    if not DEFAULT_DATA.exists():
+        pytest.skip("the default data file is not here")
+    from colm.head import SHIPPED_HEAD
+    head = DeferralHead.load(SHIPPED_HEAD)
+    pair = SimpleNamespace(base_id="Qwen2.5-Coder-0.5B-Instruct", expert_id="Qwen2.5-Coder-1.5B-Instruct",
+                           engine="torch", base=None, describe=lambda: {})
+    dec = SimpleNamespace(pair=pair, head=head, eos_ids=[151643, 151645])
+    data = data_fingerprint(read_jsonl(DEFAULT_DATA))
+    for name, policy in (("expert-train", Policy("expert")), ("base-train", Policy("base")),
+                         ("colm-train", Policy("colm", threshold=head.threshold))):
+        man = json.loads(manifest_path(root / "rollouts" / f"{name}.jsonl").read_text())
+        assert differences(man, run_manifest(dec, policy, 256, data)) == [], name

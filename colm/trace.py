@@ -1,0 +1,81 @@
+"""Step and Trace: what a decode returns, and their JSON.  The CLI, the evaluator, the benchmarks and the app all
+render these records; nothing that produces them prints."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+TopK = list  # [(token_id, text, prob), ...]
+
+
+@dataclass
+class Step:
+    position: int                         # index among generated tokens, 0-based
+    token_id: int
+    text: str                             # display text (incrementally decoded; "" for special tokens)
+    source: str                           # "base" | "expert"
+    p_defer: float                        # NaN when no head was run
+    base_topk: TopK
+    expert_topk: TopK | None = None       # known for every position a catch-up forward covered
+
+    def to_dict(self, full: bool = True) -> dict:
+        d = asdict(self)
+        if isinstance(self.p_defer, float) and math.isnan(self.p_defer):
+            d["p_defer"] = None
+        if not full:
+            for k in ("base_topk", "expert_topk"):
+                d.pop(k)
+        return d
+
+
+@dataclass
+class Trace:
+    prompt: object                        # what the caller passed: str or chat messages
+    prompt_ids: list[int]
+    policy: dict                          # {"name": ..., and its parameters}
+    steps: list[Step] = field(default_factory=list)
+    expert_calls: int = 0
+    decode_seconds: float = 0.0
+    stop_reason: str = ""                 # "eos" | "length" | "cancelled"
+    reused_steps: int = 0                 # steps kept from a previous trace by redecode()
+    base_model: str = ""
+    expert_model: str = ""
+    head: str = ""
+    head_trained: bool = False
+    engine: str = ""                      # which engine ran: "torch" | "llamacpp"
+    prefill_seconds: float = 0.0          # time before the first token (prompt prefill, or re-decode set-up)
+    state: object = field(default=None, repr=False, compare=False)   # colm.decode.DecodeState: caches to continue
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.steps)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [s.token_id for s in self.steps]
+
+    @property
+    def deferral_rate(self) -> float:
+        return sum(s.source == "expert" for s in self.steps) / len(self.steps) if self.steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        new = len(self.steps) - self.reused_steps
+        return new / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def release(self) -> None:
+        """Free the KV caches (engine rows) this trace holds; it can no longer be re-decoded."""
+        if self.state is not None:
+            self.state.close()
+            self.state = None
+
+    def to_dict(self, full: bool = True) -> dict:
+        return {
+            "prompt": self.prompt, "text": self.text, "policy": self.policy,
+            "deferral_rate": self.deferral_rate, "expert_calls": self.expert_calls,
+            "decode_seconds": self.decode_seconds, "tokens_per_second": self.tokens_per_second,
+            "stop_reason": self.stop_reason, "reused_steps": self.reused_steps,
+            "base_model": self.base_model, "expert_model": self.expert_model,
+            "head": self.head, "head_trained": self.head_trained, "engine": self.engine,
+            "steps": [s.to_dict(full) for s in self.steps],
+        }

@@ -1,0 +1,173 @@
+"""The engine seam: choosing an engine, and bad input on the llama.cpp engine ending in a clear ColmError (never a
+process abort: llama.cpp aborts on some misuse, so sizes are checked before it is called)."""
+import threading
+
+import pytest
+import torch
+
+from colm.decode import CoLLM
+from colm.engines import Pair, resolve
+from colm.models import ColmError
+from colm.policy import Policy
+
+from conftest import default_pair_installed, make_test_head
+
+needs_default = pytest.mark.skipif(not default_pair_installed(),
+                                   reason="embedded default pair or llama-cpp-python not installed")
+
+
+@pytest.mark.parametrize("name,sources,want", [
+    ("torch", ("default", "default"), "torch"),
+    ("auto", ("some/dir", "default"), "torch"),           # a model directory runs on torch
+])
+def test_resolve(name, sources, want):
+    assert resolve(name, "cpu", sources) == want
+
+
+def test_resolve_auto_prefers_llamacpp_for_gguf_on_cpu():
+    from colm.engines import llamacpp_available
+    assert resolve("auto", "cpu", ("default", "x.gguf")) == ("llamacpp" if llamacpp_available() else "torch")
+    assert resolve("auto", "cuda", ("default", "default")) == "torch"
+
+
+def test_resolve_refuses_unknown_engine():
+    with pytest.raises(ColmError, match="unknown engine"):
+        resolve("vllm")
+
+
+def test_torch_engine_refuses_bad_feeds(pair):
+    rows = pair.base.open(2)
+    with pytest.raises(ColmError, match="token lists"):
+        pair.base.feed(rows, [[1, 2]])
+    with pytest.raises(ColmError, match="vocabulary"):
+        pair.base.feed(rows, [[1, 10 ** 6], [3]])
+    with pytest.raises(ColmError, match="keep"):
+        pair.base.feed(rows, [[1], [3]], keep=2)
+    with pytest.raises(ColmError, match="crop"):
+        pair.base.crop(rows, [5, 0])
+
+
+# ----------------------------------------------------------------------------------------------- llama.cpp
+@pytest.fixture(scope="module")
+def small_base():
+    """The real base GGUF in a small context with two slots (its own instance: the shared fixture stays clean)."""
+    if not default_pair_installed():
+        pytest.skip("embedded default pair or llama-cpp-python not installed")
+    from colm import models
+    from colm.engines.llamacpp import LlamaCppEngine
+    return LlamaCppEngine(models.ensure_default_gguf(models.DEFAULT_BASE), 151936, 2, role="base", n_ctx=256, n_seq=2)
+
+
+@needs_default
+def test_llamacpp_refuses_a_file_that_is_not_gguf(tmp_path):
+    from colm.engines.llamacpp import LlamaCppEngine
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 not a gguf at all" * 10)
+    with pytest.raises(ColmError, match="not a GGUF"):
+        LlamaCppEngine(bad, 100, 1)
+
+
+@needs_default
+def test_llamacpp_refuses_a_damaged_gguf(tmp_path):
+    from colm.engines.llamacpp import LlamaCppEngine
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ColmError, match="could not load"):
+        LlamaCppEngine(bad, 100, 1)
+
+
+@needs_default
+def test_llamacpp_refuses_another_vocabulary():
+    from colm import models
+    from colm.engines.llamacpp import LlamaCppEngine
+    with pytest.raises(ColmError, match="another vocabulary"):
+        LlamaCppEngine(models.ensure_default_gguf(models.DEFAULT_BASE), 200_000, 1)
+
+
+@needs_default
+def test_llamacpp_refuses_non_gguf_sources():
+    from colm.engines import load_pair
+    with pytest.raises(ColmError, match="GGUF"):
+        load_pair("some/model-dir", "default", engine="llamacpp")
+
+
+@needs_default
+def test_llamacpp_checks_sizes_before_calling(small_base):
+    rows = small_base.open(1)
+    try:
+        with pytest.raises(ColmError, match="vocabulary"):
+            small_base.feed(rows, [[151936]])
+        with pytest.raises(ColmError, match="context"):
+            small_base.feed(rows, [[100] * 300])
+        assert rows.lengths == [0]                 # nothing was fed
+        out = small_base.feed(rows, [[100, 101, 102]], keep=2, hidden=True)
+        assert out.logits[0].shape == (2, 151936) and out.hidden.shape == (1, 896)
+    finally:
+        small_base.close(rows)
+
+
+@needs_default
+def test_llamacpp_slots_exhausted_is_a_clear_error(small_base):
+    from colm.engines.llamacpp import SlotsExhausted
+    a = small_base.open(2)
+    try:
+        with pytest.raises(SlotsExhausted, match="slots"):
+            small_base.open(1)
+    finally:
+        small_base.close(a)
+    assert small_base.free_slots == 2
+
+
+@needs_default
+def test_more_sessions_than_slots(llama_pair):
+    """Each kept trace holds a row; a new decode frees the least recently used idle one, whose trace can then no
+    longer be re-decoded (a clear message), while the newest traces still can."""
+    from colm.engines import Pair
+    from colm.engines.llamacpp import LlamaCppEngine
+    small = [LlamaCppEngine(e.path, e.n_vocab, 2, role=e.role, n_ctx=512, n_seq=2)
+             for e in (llama_pair.base, llama_pair.expert)]
+    dec = CoLLM(Pair(*small, llama_pair.tokenizer, "b", "e"), make_test_head(896, std=0.05))
+    traces = [dec.generate(f"Say {w}.", threshold=0.5, max_new_tokens=4) for w in ("one", "two", "three")]
+    assert traces[0].state is None or traces[0].state.closed
+    with pytest.raises(ColmError, match="cannot be re-decoded"):
+        dec.redecode(traces[0], 0.1, max_new_tokens=4)
+    assert dec.redecode(traces[2], 0.1, max_new_tokens=4).steps
+    with pytest.raises(ColmError, match="slots"):
+        dec.generate_batch(["a", "b", "c"], Policy("base"), max_new_tokens=2)   # a batch larger than the slots
+    for tr in traces:
+        tr.release()
+
+
+@needs_default
+def test_stop_mid_answer_frees_nothing_early_and_release_frees(llama_pair, llama_head):
+    dec = CoLLM(llama_pair, llama_head)
+    free = llama_pair.base.free_slots
+    stop = threading.Event()
+    for n, tr in enumerate(dec.stream("Count to twenty.", Policy("colm", threshold=0.5), 40, stop=stop)):
+        if n == 3:
+            stop.set()
+    assert tr.stop_reason == "cancelled" and len(tr.steps) == 4
+    assert llama_pair.base.free_slots == free - 1       # kept for a re-decode
+    tr.release()
+    assert llama_pair.base.free_slots == free
+
+
+@needs_default
+def test_llamacpp_score_matches_feed(llama_pair):
+    """Teacher forcing (score) reads the same logits and hidden states as feeding the sequence."""
+    eng = llama_pair.base
+    seq = llama_pair.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]
+    got, hid = eng.score([seq], [[len(seq) - 1]], hidden=True, reduce=lambda lg, s: {"lg": lg})
+    rows = eng.open(1)
+    try:
+        out = eng.feed(rows, [seq], keep=1, hidden=True)
+    finally:
+        eng.close(rows)
+    assert torch.allclose(got["lg"][0], out.logits[0][-1], atol=1e-3)
+    assert torch.allclose(hid[0], out.hidden[0], atol=1e-3)
+
+
+@needs_default
+def test_context_overflow_refused_by_the_decoder(llama_pair, llama_head):
+    with pytest.raises(ColmError, match="context"):
+        CoLLM(llama_pair, llama_head).generate("hello", threshold=0.5, max_new_tokens=llama_pair.base.n_ctx)
