@@ -376,7 +376,13 @@ def build_loading_page(status: LoadStatus) -> gr.Blocks:
         gr.Markdown("# Co-LLM: a small model that learns when to ask a bigger one")
         text = gr.Markdown(status.markdown(), elem_id="loading-status")
         timer = gr.Timer(1)
-        timer.tick(status.markdown, None, text, api_name="loading_status", concurrency_limit=None).then(
+
+        def poll():
+            # Once ready the timer stops: a tick still in flight when the demo takes over the port would reach the
+            # demo's first event handler (a gr.Examples loader) with the loading page's inputs, and fail there.
+            md = status.markdown()
+            return md, gr.Timer(active=status.state == "loading")
+        timer.tick(poll, None, [text, timer], api_name="loading_status", concurrency_limit=None).then(
             None, text, None, js=RELOAD_JS)
     return page
 

@@ -31,7 +31,7 @@ from .head import DeferralHead
 from .models import ColmError
 from .policy import POLICIES, Policy  # noqa: F401  (re-exported: colm.decode.Policy is public API)
 from .prompts import Detok, check_max_new, clean_text, encode_prompt  # noqa: F401
-from .trace import Step, Trace, TopK  # noqa: F401
+from .trace import Step, Trace, TopK, topk_probs, topk_records  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -59,18 +59,8 @@ class DecodeState:
     def closed(self) -> bool:
         return self.base_rows is None
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-def topk_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [..., V] -> (probs [..., k], ids [..., k]) without materialising a full softmax."""
-    logits = logits.float()
-    vals, ids = logits.topk(k, dim=-1)
-    return (vals - logits.logsumexp(-1, keepdim=True)).exp(), ids
+    def __del__(self):   # a trace dropped without release() gives its rows back when it is collected
+        self.close()
 
 
 # ----------------------------------------------------------------------------------------------- decoder
@@ -221,12 +211,12 @@ class CoLLM:
                     ep_l, ei_l = ep.tolist(), ei.tolist()
                     for j, (probs, ids) in enumerate(zip(ep_l, ei_l)):
                         if c0 + j < len(tr.steps):
-                            tr.steps[c0 + j].expert_topk = _topk(tok, ids, probs)
-                    last = _topk(tok, ei_l[-1], ep_l[-1])
+                            tr.steps[c0 + j].expert_topk = topk_records(tok, ids, probs)
+                    last = topk_records(tok, ei_l[-1], ep_l[-1])
                     if defer_l[b]:
                         tr.expert_calls += 1
                 tr.steps.append(Step(n, token_l[b], detoks[b].push(token_l[b]), "expert" if defer_l[b] else "base",
-                                     float(p_l[b]), _topk(tok, bi_l[b], bp_l[b]), last))
+                                     float(p_l[b]), topk_records(tok, bi_l[b], bp_l[b]), last))
                 if token_l[b] in self.eos_ids:   # the one end-of-answer rule
                     tr.stop_reason = "eos"
                     active[b] = False
@@ -273,9 +263,7 @@ class CoLLM:
         """Decode one prompt; ``threshold`` is shorthand for the Co-LLM policy at that threshold."""
         if policy is None:
             policy = Policy("colm", threshold=threshold) if threshold is not None else self.default_policy()
-        tr = None
-        for tr in self.stream(prompt, policy, max_new_tokens, stop, chat):
-            pass
+        *_, tr = self.stream(prompt, policy, max_new_tokens, stop, chat)
         return tr
 
     def default_policy(self) -> Policy:
@@ -355,11 +343,6 @@ class CoLLM:
         yield tr
 
     def redecode(self, trace: Trace, threshold: float, max_new_tokens: int = 256) -> Trace:
-        tr = None
-        for tr in self.redecode_stream(trace, Policy("colm", threshold=threshold), max_new_tokens):
-            pass
+        """``redecode_stream`` to the end."""
+        *_, tr = self.redecode_stream(trace, Policy("colm", threshold=threshold), max_new_tokens)
         return tr
-
-
-def _topk(tok, ids: list[int], probs: list[float]) -> TopK:
-    return [(i, tok.decode([i]), round(p, 5)) for i, p in zip(ids, probs)]

@@ -31,6 +31,11 @@ def load_from_args(args, need_head: bool = True, **engine_kwargs):
     warning says so (the head returned is then untrained)."""
     if args.threads is not None and args.threads < 1:
         raise ColmError("--threads must be at least 1")
+    batch, max_new = getattr(args, "batch_size", None), getattr(args, "max_new_tokens", None)
+    if batch and max_new and "n_seq" not in engine_kwargs:
+        # llama.cpp's rows are slots fixed when the context is made: room for a whole batch of answers
+        # (prompts here are GSM8K problems, well under 1,024 tokens)
+        engine_kwargs.update(n_seq=max(8, batch), n_ctx=max(8192, batch * (max_new + 1024)))
     pair = load_pair(args.base, args.expert, engine=args.engine, dtype=args.dtype, device=args.device,
                      threads=args.threads, progress=lambda m: print(m, file=sys.stderr), **engine_kwargs)
     with warnings.catch_warnings(record=True) as caught:

@@ -120,7 +120,8 @@ def colm_version() -> str:
         pass
     try:
         import tomllib
-        return tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]["version"]
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"   # a checkout, not installed
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
     except Exception:
         return "unknown"
 

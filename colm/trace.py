@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 TopK = list  # [(token_id, text, prob), ...]
 
 
@@ -79,3 +81,14 @@ class Trace:
             "head": self.head, "head_trained": self.head_trained, "engine": self.engine,
             "steps": [s.to_dict(full) for s in self.steps],
         }
+
+
+def topk_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [..., V] -> (probs [..., k], ids [..., k]) without materialising a full softmax."""
+    logits = logits.float()
+    vals, ids = logits.topk(k, dim=-1)
+    return (vals - logits.logsumexp(-1, keepdim=True)).exp(), ids
+
+
+def topk_records(tok, ids: list[int], probs: list[float]) -> TopK:
+    return [(i, tok.decode([i]), round(p, 5)) for i, p in zip(ids, probs)]

@@ -260,3 +260,18 @@ def test_request_past_the_context_window_refused(pair, head):
         dec.generate("hello", threshold=0.5, max_new_tokens=ctx)
     with pytest.raises(ColmError, match="context"):
         dec.generate_batch(["hello"], Policy("base"), max_new_tokens=ctx)
+
+
+def test_redecode_never_returns_more_tokens_than_asked(pair, head):
+    """Issue 16, bug 2: a first flip past max_new_tokens kept every step before it (more than asked for)."""
+    dec = CoLLM(pair, head)
+    first = dec.generate(PROMPTS[0], threshold=0.5, max_new_tokens=30)
+    ps = [s.p_defer for s in first.steps]
+
+    def first_flip(eta):
+        return next((i for i, s in enumerate(first.steps) if (s.p_defer > eta) != (s.source == "expert")), None)
+    eta = next(e for e in sorted({(a + b) / 2 for a, b in zip(sorted(ps), sorted(ps)[1:])})
+               if (first_flip(e) or 0) >= 12)
+    re = dec.redecode(first, eta, max_new_tokens=10)
+    assert len(re.steps) == 10 and re.stop_reason in ("length", "eos")
+    assert re.token_ids == dec.generate(PROMPTS[0], threshold=eta, max_new_tokens=10).token_ids

@@ -53,7 +53,7 @@ def small_base():
     """The real base GGUF in a small context with two slots (its own instance: the shared fixture stays clean)."""
     if not default_pair_installed():
         pytest.skip("embedded default pair or llama-cpp-python not installed")
-    from colm import models
+    from colm import cache as models
     from colm.engines.llamacpp import LlamaCppEngine
     return LlamaCppEngine(models.ensure_default_gguf(models.DEFAULT_BASE), 151936, 2, role="base", n_ctx=256, n_seq=2)
 
@@ -78,7 +78,7 @@ def test_llamacpp_refuses_a_damaged_gguf(tmp_path):
 
 @needs_default
 def test_llamacpp_refuses_another_vocabulary():
-    from colm import models
+    from colm import cache as models
     from colm.engines.llamacpp import LlamaCppEngine
     with pytest.raises(ColmError, match="another vocabulary"):
         LlamaCppEngine(models.ensure_default_gguf(models.DEFAULT_BASE), 200_000, 1)
@@ -122,7 +122,6 @@ def test_llamacpp_slots_exhausted_is_a_clear_error(small_base):
 def test_more_sessions_than_slots(llama_pair):
     """Each kept trace holds a row; a new decode frees the least recently used idle one, whose trace can then no
     longer be re-decoded (a clear message), while the newest traces still can."""
-    from colm.engines import Pair
     from colm.engines.llamacpp import LlamaCppEngine
     small = [LlamaCppEngine(e.path, e.n_vocab, 2, role=e.role, n_ctx=512, n_seq=2)
              for e in (llama_pair.base, llama_pair.expert)]

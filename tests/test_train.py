@@ -114,7 +114,6 @@ def test_confidence_head_defers_on_unseen_tokens_where_the_base_is_unsure(tok, t
     V, span = len(tok), len(tok) - SPECIALS
     gold = {i: SPECIALS + (i * 7 + 3) % span for i in range(V)}
     hard = {i for i in range(SPECIALS, V) if i % 3 == 0}
-    wrong = {i: SPECIALS + (gold[i] - SPECIALS + 1) % span for i in range(V)}
     # base: sure and right on easy tokens; on hard ones it has no preference at all (argmax is arbitrary)
     base_table = {i: gold[i] for i in range(V) if i not in hard}
     hidden = ((V + 3) // 4) * 4
@@ -274,30 +273,6 @@ def test_disagreement_proxy_scores_a_learned_head(bigram, tmp_path):
     assert bad["auc"] < 0.8
 
 
-def test_rollouts_resume_and_return_only_requested(pair, tmp_path):
-    import json as _json
-    from colm.data import Example
-    from colm.rollouts import read_done, rollout
-    dec = CoLLM(pair)
-    ex = [Example(i, f"question number {i}", "", "0") for i in range(5)]
-    out = tmp_path / "r.jsonl"
-    first = rollout(pair.base, pair.tokenizer, ex[:3], out, batch_size=2, max_new_tokens=6, encode=dec.encode,
-                    progress=False)
-    assert sorted(first) == [0, 1, 2]
-    with open(out, "a") as f:
-        f.write('{"index": 3, "ids": [1, 2')  # a line torn by a kill
-    again = rollout(pair.base, pair.tokenizer, ex, out, batch_size=2, max_new_tokens=6, encode=dec.encode,
-                    progress=False)
-    assert sorted(again) == [0, 1, 2, 3, 4] and again[0] == first[0]
-    assert sorted(read_done(out)) == [0, 1, 2, 3, 4]
-    assert all(_json.loads(line) for line in out.read_text().splitlines())
-    assert sorted(rollout(pair.base, pair.tokenizer, ex[:2], out, encode=dec.encode, progress=False)) == [0, 1]
-    # Same tokens as the Co-LLM loop under the pure base policy.
-    tr = dec.generate([{"role": "user", "content": ex[4].question + "\n\n" + __import__("colm").data.INSTRUCTION}],
-                      policy=Policy("base"), max_new_tokens=6)
-    assert again[4]["ids"] == tr.token_ids[:len(again[4]["ids"])]
-
-
 def test_disagreement_labels_compare_argmaxes_and_fall_back_to_the_target():
     from colm.train import disagreement_labels
     f = {"arg_base": torch.tensor([5, 5, 7, 7]), "arg_expert": torch.tensor([5, 6, -1, -1]),
@@ -311,19 +286,6 @@ def gsm_file(path, n):
                                         "answer": f"{i}+{i + 1} = <<{i}+{i + 1}={2 * i + 1}>>{2 * i + 1}\n#### {2 * i + 1}"})
                             + "\n" for i in range(n)))
     return path
-
-
-@pytest.mark.parametrize("window, first_batch", [(1, {0, 1}), (3, {4, 5})])
-def test_rollouts_sort_by_length_only_within_a_window(pair, tmp_path, window, first_batch):
-    """Prompts get shorter down the list; a stopped run must have answered the first problems, not the shortest."""
-    from colm.data import Example
-    from colm.rollouts import rollout
-    ex = [Example(i, "word " * (12 - 2 * i), "", "0") for i in range(6)]
-    out = tmp_path / "r.jsonl"
-    rollout(pair.base, pair.tokenizer, ex, out, batch_size=2, max_new_tokens=2, encode=CoLLM(pair).encode,
-            progress=False, window=window)
-    order = [json.loads(line)["index"] for line in out.read_text().splitlines()]
-    assert set(order[:2]) == first_batch and sorted(order) == list(range(6))
 
 
 @pytest.mark.parametrize("model", ["base", "colm"])

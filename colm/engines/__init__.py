@@ -160,11 +160,12 @@ def load_pair(base: str = "default", expert: str = "default", engine: str = "aut
         return Pair(TorchEngine(b, n_vocab, threads), TorchEngine(e, n_vocab, threads), base_tok,
                     ident(base, "base"), ident(expert, "expert"))
     from .llamacpp import LlamaCppEngine, gguf_path
+    paths = gguf_path(base, "base", progress), gguf_path(expert, "expert", progress)   # refuse non-GGUF at once
     tok = models.load_tokenizer(base, progress, trust_remote_code)
     expert_tok = tok if expert == base else models.load_tokenizer(expert, progress, trust_remote_code)
     if tok.get_vocab() != expert_tok.get_vocab():
         models.check_compatible(None, None, tok, expert_tok)   # raises with the counts
     n_vocab = len(tok)
-    b = LlamaCppEngine(gguf_path(base, "base", progress), n_vocab, threads, role="base", **engine_kwargs)
-    e = LlamaCppEngine(gguf_path(expert, "expert", progress), n_vocab, threads, role="expert", **engine_kwargs)
+    b = LlamaCppEngine(paths[0], n_vocab, threads, role="base", **engine_kwargs)
+    e = LlamaCppEngine(paths[1], n_vocab, threads, role="expert", **engine_kwargs)
     return Pair(b, e, tok, ident(base, "base"), ident(expert, "expert"))

@@ -90,6 +90,7 @@ class LlamaCppEngine:
         self.model_vocab = L.llama_vocab_n_tokens(vocab)
         if self.model_vocab < n_vocab:
             L.llama_model_free(self.model)
+            self.model = None       # freed: __del__ must not free it again
             raise ColmError(f"{self.path}: the model has {self.model_vocab} token rows but the tokenizer has "
                             f"{n_vocab} tokens: another vocabulary")
         self.hidden_size = L.llama_model_n_embd(self.model)
@@ -105,6 +106,7 @@ class LlamaCppEngine:
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             L.llama_model_free(self.model)
+            self.model = None
             raise ColmError(f"llama.cpp could not make a context of {self.n_ctx_total} tokens for {self.path}")
         self.mem = L.llama_get_memory(self.ctx)
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
