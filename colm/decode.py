@@ -228,6 +228,20 @@ class CoLLM:
         for tr in traces:
             tr.stop_reason = tr.stop_reason or "length"
 
+    def _follow(self, tr: Trace, detok, policy: Policy, max_new_tokens: int, stop, key: int) -> Iterator[Trace]:
+        """Decode one kept trace to its end, yielding it after every token.  An abandoned or failed decode frees
+        its rows; a finished or stopped one keeps them (for a re-decode) and becomes evictable."""
+        st = tr.state
+        try:
+            for _ in self._run(st, [tr], [detok], policy, max_new_tokens, stop, [key]):
+                yield tr
+        except BaseException:
+            tr.release()
+            raise
+        finally:
+            st.last_used = time.monotonic()
+        yield tr
+
     def _new_trace(self, prompt, ids: list[int], policy: Policy) -> Trace:
         return Trace(prompt, ids, policy.describe(), base_model=self.pair.base_id, expert_model=self.pair.expert_id,
                      head=self.head.identity if self.head is not None else "none",
@@ -248,15 +262,7 @@ class CoLLM:
             st = self.prefill([ids])
         tr.prefill_seconds = time.perf_counter() - t0
         tr.state = st
-        try:
-            for _ in self._run(st, [tr], [Detok(self.pair.tokenizer)], policy, max_new_tokens, stop, [key]):
-                yield tr
-        except BaseException:
-            tr.release()
-            raise
-        finally:
-            st.last_used = time.monotonic()
-        yield tr
+        yield from self._follow(tr, Detok(self.pair.tokenizer), policy, max_new_tokens, stop, key)
 
     def generate(self, prompt, threshold: float | None = None, policy: Policy | None = None,
                  max_new_tokens: int = 256, stop: threading.Event | None = None, chat: bool | None = None) -> Trace:
@@ -332,15 +338,7 @@ class CoLLM:
             yield tr
             st.last_used = time.monotonic()
             return
-        try:
-            for _ in self._run(st, [tr], [detok], policy, max_new_tokens, stop, [0]):
-                yield tr
-        except BaseException:
-            tr.release()
-            raise
-        finally:
-            st.last_used = time.monotonic()
-        yield tr
+        yield from self._follow(tr, detok, policy, max_new_tokens, stop, 0)
 
     def redecode(self, trace: Trace, threshold: float, max_new_tokens: int = 256) -> Trace:
         """``redecode_stream`` to the end."""

@@ -60,12 +60,10 @@ def test_expert_forward_passes_equal_deferred_tokens(pair, head, threshold):
     deferred = sum(s.source == "expert" for s in tr.steps)
     assert calls.n == deferred == tr.expert_calls
     if deferred:
-        first = next(i for i, s in enumerate(tr.steps) if s.source == "expert")
         # Lazy prefill: the expert's view is known for every position up to the last deferral, none after.
         last = max(i for i, s in enumerate(tr.steps) if s.source == "expert")
         assert all(s.expert_topk for s in tr.steps[: last + 1])
         assert all(s.expert_topk is None for s in tr.steps[last + 1:])
-        assert first >= 0
 
 
 def test_mixed_policy_actually_mixes(decoder):
@@ -78,8 +76,8 @@ def test_step_records(decoder):
     tr = decoder.generate(PROMPTS[1], threshold=0.5, max_new_tokens=12)
     assert [s.position for s in tr.steps] == list(range(len(tr.steps)))
     for s in tr.steps:
-        assert 0.0 <= s.p_defer <= 1.0
-        assert len(s.base_topk) == 5 and abs(sum(p for *_, p in s.base_topk)) <= 1.0 + 1e-4
+        assert math.isfinite(s.p_defer) and (s.source == "expert") == (s.p_defer > 0.5)   # the p that decided
+        assert len(s.base_topk) == 5 and sum(p for *_, p in s.base_topk) <= 1.0 + 1e-4
         assert s.base_topk[0][2] >= s.base_topk[-1][2]
         if s.source == "base":
             assert s.token_id == s.base_topk[0][0]
@@ -128,12 +126,11 @@ def test_redecode_needs_state(decoder):
 @pytest.mark.parametrize("policy", [Policy("colm", threshold=0.5), Policy("base"), Policy("expert"),
                                     Policy("random", rate=0.4, seed=1), Policy("confidence", min_prob=0.3)])
 def test_batched_equals_single(pair, head, policy):
-    from transformers import Qwen2Config  # noqa: F401  (fp32 tiny models keep padding exact enough)
     dec = CoLLM(pair, head)
     batch = dec.generate_batch(PROMPTS, policy, max_new_tokens=20)
     for p, b in zip(PROMPTS, batch):
         if policy.name == "random":
-            continue  # random draws are shared across rows; checked below for rate only
+            continue  # per-row draws: tests/test_evaluate.py checks them against batch size; rate only here
         single = dec.generate(p, policy=policy, max_new_tokens=20)
         assert b.token_ids == single.token_ids, p
         assert [s.source for s in b.steps] == [s.source for s in single.steps]

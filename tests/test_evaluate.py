@@ -185,18 +185,20 @@ def test_base_rollouts_stop_where_the_decoder_stops(pair, tok, tmp_path):
 def test_rollouts_resume_skip_torn_lines_and_return_only_requested(pair, tmp_path):
     from colm.decode import CoLLM
     from colm.rollouts import read_done, rollout
+    from colm.runs import data_fingerprint
     dec = CoLLM(pair)
     ex = examples(5)
+    data = data_fingerprint(ex)   # the whole problem set, so that a run over part of it can be extended
     out = tmp_path / "r.jsonl"
-    first = rollout(dec, "base", ex[:3], out, batch_size=2, max_new_tokens=6, progress=False)
+    first = rollout(dec, "base", ex[:3], out, batch_size=2, max_new_tokens=6, progress=False, data=data)
     assert sorted(first) == [0, 1, 2]
     with open(out, "a") as f:
         f.write('{"index": 3, "ids": [1, 2')  # a line torn by a kill
-    again = rollout(dec, "base", ex, out, batch_size=2, max_new_tokens=6, progress=False)
+    again = rollout(dec, "base", ex, out, batch_size=2, max_new_tokens=6, progress=False, data=data)
     assert sorted(again) == [0, 1, 2, 3, 4] and again[0] == first[0]
     assert sorted(read_done(out)) == [0, 1, 2, 3, 4]
     assert all(json.loads(line) for line in out.read_text().splitlines())
-    assert sorted(rollout(dec, "base", ex[:2], out, max_new_tokens=6, progress=False)) == [0, 1]
+    assert sorted(rollout(dec, "base", ex[:2], out, max_new_tokens=6, progress=False, data=data)) == [0, 1]
 
 
 @pytest.mark.parametrize("window, first_batch", [(1, {0, 1}), (3, {4, 5})])
@@ -229,22 +231,24 @@ def test_a_run_resumes_only_under_the_settings_that_wrote_it(pair, head, tmp_pat
     from colm.decode import CoLLM
     from colm.runs import data_fingerprint, manifest_path, run_policy
     ex = examples(3)
+    data = data_fingerprint(ex)
     dec = CoLLM(pair, head)
     colm = Policy("colm", threshold=0.5)
     path = tmp_path / "colm-0.500000.jsonl"
-    run_policy(dec, ex[:2], colm, path, batch_size=2, max_new_tokens=4, progress=False)
+    run_policy(dec, ex[:2], colm, path, batch_size=2, max_new_tokens=4, progress=False, data=data)
     man = json.loads(manifest_path(path).read_text())
     assert man["match"]["max_new_tokens"] == 4 and man["match"]["engine"] == "torch"
     assert man["match"]["models"] == {"base": "tiny-base", "expert": "tiny-expert"}
     assert man["match"]["policy"] == {"name": "colm", "threshold": 0.5} and len(man["match"]["head"]["sha256"]) == 64
     assert man["info"]["head"] == head.identity and man["info"]["colm_version"]
     # The same settings resume (and extend) it.
-    assert sorted(run_policy(dec, ex, colm, path, batch_size=2, max_new_tokens=4, progress=False)) == [0, 1, 2]
+    more = run_policy(dec, ex, colm, path, batch_size=2, max_new_tokens=4, progress=False, data=data)
+    assert sorted(more) == [0, 1, 2]
     lines = path.read_text()
     other = make_head_like(head)
     for kw, field in ((dict(max_new_tokens=5), "max_new_tokens"), (dict(dec=CoLLM(pair, other)), "head.sha256"),
                       (dict(data=data_fingerprint(examples(4))), "data.questions_sha256")):
-        args = dict(dec=dec, max_new_tokens=4, **kw)
+        args = dict(dec=dec, max_new_tokens=4, data=data) | kw
         with pytest.raises(ColmError, match=f"cannot be resumed: .*{field}"):
             run_policy(args.pop("dec"), ex, colm, path, batch_size=2, progress=False, **args)
     assert path.read_text() == lines
@@ -253,7 +257,7 @@ def test_a_run_resumes_only_under_the_settings_that_wrote_it(pair, head, tmp_pat
     assert run_policy(CoLLM(pair, other), ex, Policy("base"), tmp_path / "base.jsonl", max_new_tokens=4,
                       progress=False) == base
     # restart moves the old file and manifest aside and decodes again.
-    again = run_policy(dec, ex, colm, path, batch_size=2, max_new_tokens=5, progress=False, restart=True)
+    again = run_policy(dec, ex, colm, path, batch_size=2, max_new_tokens=5, progress=False, data=data, restart=True)
     assert sorted(again) == [0, 1, 2] and json.loads(manifest_path(path).read_text())["match"]["max_new_tokens"] == 5
     moved = sorted(p.name for p in tmp_path.glob("colm-0.500000.*.replaced-*"))
     assert len(moved) == 2 and "moved colm-0.500000.jsonl aside" in capsys.readouterr().err
@@ -285,18 +289,20 @@ def test_rollouts_cli_refuses_other_settings_and_restarts(pair_dirs, tmp_path, c
     data.write_text("".join(json.dumps({"question": f"Tom has {i} apples. How many?", "answer": f"#### {i}"}) + "\n"
                             for i in range(8)))
     out = tmp_path / "base-train.jsonl"
-    args = ["rollouts", "--model", "base", "--data", str(data), "--dev-size", "2", "--limit", "3", "--out", str(out),
-            "--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"), "--dtype", "fp32",
-            "--batch-size", "2"]
-    assert main(args + ["--max-new-tokens", "3"]) == 0
+
+    def rollouts(limit, max_new, *more):
+        return main(["rollouts", "--model", "base", "--data", str(data), "--dev-size", "2", "--limit", str(limit),
+                     "--out", str(out), "--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"),
+                     "--dtype", "fp32", "--batch-size", "2", "--max-new-tokens", str(max_new), *more])
+    assert rollouts(3, 3) == 0
     # Same settings, more problems: resumed (the first lines stay as they were).
-    head_lines = out.read_text()
-    assert main(args[:7] + ["5"] + args[8:] + ["--max-new-tokens", "3"]) == 0
-    assert out.read_text().startswith(head_lines) and len(out.read_text().splitlines()) == 5
+    first = out.read_text()
+    assert rollouts(5, 3) == 0
+    assert out.read_text().startswith(first) and len(out.read_text().splitlines()) == 5
     capsys.readouterr()
-    assert main(args + ["--max-new-tokens", "4"]) == 2
+    assert rollouts(3, 4) == 2
     assert "max_new_tokens: 3 in the file, 4 now" in capsys.readouterr().err
-    assert main(args + ["--max-new-tokens", "4", "--restart"]) == 0
+    assert rollouts(3, 4, "--restart") == 0
     assert len(out.read_text().splitlines()) == 3 and len(list(tmp_path.glob("base-train.jsonl.replaced-*"))) == 1
 
 

@@ -822,8 +822,13 @@ def test_stop_ten_times_leaves_nothing_behind(url, dec, monkeypatch):
     assert note == "" and "stopped" not in summary
     doc = json.loads(Path(export).read_text(encoding="utf-8"))
     assert [s["token_id"] for s in doc["steps"]] == dec.generate(PROMPT, threshold=0.5, max_new_tokens=N).token_ids
-    time.sleep(0.5)
-    threads1, states1 = threading.active_count(), live_states()
+    # Wait for the condition itself (pooled workers and the stopped decodes wind down asynchronously), not a guess.
+    deadline = time.monotonic() + 30
+    while True:
+        threads1, states1 = threading.active_count(), live_states()
+        if (threads1 <= threads0 + 2 and states1 <= states0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     record("Stop 10x in a row", "app", f"all stopped; next answer right; threads {threads0}->{threads1}, "
                                        f"live decode states {states0}->{states1}")
     assert threads1 <= threads0 + 2       # pooled workers come and go; a leak of one per stop would add 10

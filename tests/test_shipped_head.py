@@ -1,8 +1,14 @@
 """The head in assets/ is a product artefact: it must say what it is and carry the evidence it was chosen on."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors import safe_open
 
 from colm.head import SHIPPED_HEAD, DeferralHead
+
+FIXTURE = Path(__file__).parent / "data" / "shipped_head_fixture.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +41,19 @@ def test_shipped_head_metadata_records_its_training_and_dev_evidence(shipped):
     assert dev["chosen"]["accuracy"] > rnd["accuracy"]
 
 
-def test_shipped_head_scores_are_probabilities(shipped):
-    p = shipped.p_defer(torch.randn(64, 896), torch.randn(64, 151665) * 3)
-    assert p.shape == (64,) and bool(((p >= 0) & (p <= 1)).all()) and float(p.std()) > 0
+def test_shipped_head_reproduces_its_stored_p_defer_on_real_base_features(shipped):
+    """Real base features (hidden states and confidence of the default base on two GSM8K solutions, made on the
+    llama.cpp engine by bench/make_head_fixture.py) with the shipped head's p_defer on them, computed once and
+    stored: the head file and the head code must still give them.  (Guards the head, not the engine.)"""
+    with safe_open(str(FIXTURE), framework="pt") as f:
+        meta = json.loads(f.metadata()["colm-fixture"])
+        fx = {k: f.get_tensor(k) for k in f.keys()}
+    h, conf, want, eta = fx["h"], fx["conf"], fx["p_defer"], float(fx["threshold"][0])
+    assert h.shape[1] == 896 and conf.shape == (len(h), 3) and want.shape == (len(h),) and len(h) >= 64
+    assert meta["head"] == SHIPPED_HEAD.name and eta == pytest.approx(shipped.threshold, abs=0)
+    with torch.inference_mode():
+        p = shipped.p_defer(h, conf=conf)
+    assert torch.allclose(p, want, rtol=0, atol=1e-4), float((p - want).abs().max())
+    assert torch.equal(p > shipped.threshold, want > eta)
+    # The stored decisions mean something: some positions on either side of η.
+    assert 0 < int((want > eta).sum()) < len(want)

@@ -165,7 +165,17 @@ def test_figures_are_theme_neutral():
 RESULTS = {
     "colm": [{"threshold": 0.9, "deferral": 0.05, "accuracy": 0.30}, {"threshold": 0.2, "deferral": 0.6, "accuracy": 0.52},
              {"threshold": 0.5, "deferral": 0.2, "accuracy": 0.47}],
-    "random": [{"rate": 0.5, "deferral": 0.5, "accuracy": 0.38}, {"rate": 0.1, "deferral": 0.1, "accuracy": 0.3}],
+    # random deferral as colm.evaluate reports it: the mean over seeds, its sd and min/max, and every seed's point
+    "random": [{"rate": 0.5, "seeds": [0, 1, 2], "deferral": 0.5, "deferral_sd": 0.01, "accuracy": 0.38,
+                "accuracy_sd": 0.03, "accuracy_min": 0.35, "accuracy_max": 0.41,
+                "per_seed": [{"seed": 0, "deferral": 0.49, "accuracy": 0.35},
+                             {"seed": 1, "deferral": 0.5, "accuracy": 0.38},
+                             {"seed": 2, "deferral": 0.51, "accuracy": 0.41}]},
+               {"rate": 0.1, "seeds": [0, 1, 2], "deferral": 0.1, "deferral_sd": 0.0, "accuracy": 0.3,
+                "accuracy_sd": 0.02, "accuracy_min": 0.28, "accuracy_max": 0.32,
+                "per_seed": [{"seed": 0, "deferral": 0.1, "accuracy": 0.28},
+                             {"seed": 1, "deferral": 0.1, "accuracy": 0.3},
+                             {"seed": 2, "deferral": 0.1, "accuracy": 0.32}]}],
     "confidence": [{"min_prob": 0.5, "deferral": 0.15, "accuracy": 0.4}],
     "base": {"accuracy": 0.28, "deferral": 0.0},
     "expert": {"accuracy": 0.55, "deferral": 1.0},
@@ -191,11 +201,33 @@ def test_curve_figure_traces():
     assert len({(c.line.dash, c.marker.symbol) for c in curves}) == 3
 
 
-@pytest.mark.parametrize("drop", ["colm", "random", "confidence", "base", "expert", "chosen"])
-def test_curve_figure_parts_optional(drop):
+def test_curve_figure_random_is_mean_with_sd_bars_and_faint_seeds():
+    fig = viz.curve_figure(RESULTS)
+    mean = next(t for t in fig.data if t.name.startswith("random deferral (mean"))
+    assert "3 seeds" in mean.name
+    assert list(mean.x) == [0.1, 0.5] and list(mean.y) == [0.3, 0.38]              # the means, sorted by deferral
+    assert mean.error_y.visible and list(mean.error_y.array) == [0.02, 0.03]        # ± sd of the accuracy
+    assert list(mean.error_x.array) == [0.0, 0.01]
+    assert "± 3.0%" in mean.hovertext[1] and "min 35.0%, max 41.0%" in mean.hovertext[1]
+    seeds = next(t for t in fig.data if t.name == "random deferral, each seed")
+    assert sorted(seeds.y) == [0.28, 0.3, 0.32, 0.35, 0.38, 0.41] and seeds.opacity < 0.5
+    assert seeds.legendgroup == mean.legendgroup and seeds.showlegend is False
+    assert "seed 2" in seeds.hovertext[2]
+
+
+def test_curve_figure_random_without_seeds_is_a_plain_curve():
+    """Results from before random seeds (one run per rate) still draw, without error bars."""
+    fig = viz.curve_figure({"random": [{"rate": 0.3, "deferral": 0.3, "accuracy": 0.27}]})
+    (t,) = fig.data
+    assert t.name == "random deferral" and not t.error_y.visible and list(t.y) == [0.27]
+
+
+@pytest.mark.parametrize("drop, traces", [("colm", 6), ("random", 5), ("confidence", 6), ("base", 6),
+                                          ("expert", 6), ("chosen", 6)])
+def test_curve_figure_parts_optional(drop, traces):
     res = {k: v for k, v in RESULTS.items() if k != drop}
     fig = viz.curve_figure(res)
-    assert len(fig.data) == 5
+    assert len(fig.data) == traces      # random deferral is two traces: the means and the single seeds
     fig.to_json()
 
 

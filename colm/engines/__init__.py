@@ -160,6 +160,9 @@ def load_pair(base: str = "default", expert: str = "default", engine: str = "aut
         return Pair(TorchEngine(b, n_vocab, threads), TorchEngine(e, n_vocab, threads), base_tok,
                     ident(base, "base"), ident(expert, "expert"))
     from .llamacpp import LlamaCppEngine, gguf_path
+    # Beside llama.cpp, torch only does per-token vector math (top-k, the head: < 1 ms on one thread).  Its own
+    # thread pool would spin against llama.cpp's for the same cores: 0.7 ms became 36-48 ms on 2 busy cores.
+    torch.set_num_threads(1)
     paths = gguf_path(base, "base", progress), gguf_path(expert, "expert", progress)   # refuse non-GGUF at once
     tok = models.load_tokenizer(base, progress, trust_remote_code)
     expert_tok = tok if expert == base else models.load_tokenizer(expert, progress, trust_remote_code)

@@ -53,7 +53,7 @@ class TorchEngine:
         keep = check_feed(self, rows, tokens, keep)
         B, k = len(tokens), max(map(len, tokens))
         if k == 0:
-            return Out([None] * B, None)
+            return Out([None] * B, torch.zeros(B, self.hidden_size) if hidden else None)
         dev = self.device
         ids = torch.full((B, k), self.pad_id, dtype=torch.long, device=dev)
         new = torch.zeros(B, k, dtype=torch.long, device=dev)
@@ -73,7 +73,11 @@ class TorchEngine:
         K = max(kk for t, kk in zip(tokens, keep) if t)
         logits = self.model.lm_head(hs.index_select(1, torch.arange(k - K, k, device=dev)))[..., :self.n_vocab]
         per_row = [logits[b, K - kk:].float() if t else None for b, (t, kk) in enumerate(zip(tokens, keep))]
-        return Out(per_row, hs[:, -1].float() if hidden else None)
+        hid = None
+        if hidden:
+            hid = hs[:, -1].float()
+            hid[[b for b, t in enumerate(tokens) if not t]] = 0      # a row not fed has no new state
+        return Out(per_row, hid)
 
     @torch.inference_mode()
     def crop(self, rows: TorchRows, lengths) -> None:
