@@ -1,4 +1,5 @@
-"""Item 5: batched evaluation throughput, ``CoLLM.generate_batch`` with the colm policy at batch 1, 4, 8, 16.
+"""Item 5: batched evaluation throughput, ``CoLLM.generate_batch`` with the colm policy at batch 1, 4, 8, 16, on
+either engine (``--engine``; bench/decode_speed.py --batch-sizes runs this on llamacpp).
 
 Head: the shipped head at its threshold when assets/head-gsm8k.safetensors exists, else a random-weight head at
 the threshold that gives ~25 % deferral on the probe.  Rows are the first B GSM8K questions (batch 1 = question 0,
@@ -7,7 +8,6 @@ yields exactly n tokens; throughput = B * n / wall time (prefill included).  The
 only, with 32-token answers (prefill weighs more in short answers, so its ratio is lower than the full run's).
 """
 from __future__ import annotations
-
 
 import numpy as np
 

@@ -36,6 +36,11 @@ def _lscpu() -> dict:
 
 def machine() -> dict:
     import transformers
+    try:
+        import llama_cpp
+        llama_version = llama_cpp.__version__
+    except Exception:
+        llama_version = None
     cpu = _lscpu()
     try:
         mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
@@ -57,6 +62,7 @@ def machine() -> dict:
         "bf16_flags": [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags.split()],
         "mem_gb": mem_gb, "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "llama_cpp_python": llama_version,
         "git": commit + ("+dirty" if dirty else ""), "loadavg_start": os.getloadavg(),
     }
 
@@ -142,11 +148,32 @@ def write_json(name: str, data: dict) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- models / prompts
-def load():
+def load(engine: str = "auto", threads: int | None = None, **engine_kwargs):
+    """The default pair on ``engine`` ('auto', 'torch', 'llamacpp') with ``threads`` CPU threads (default: every
+    core) -> (pair, load seconds).  ``engine_kwargs`` (n_ctx, n_seq) reach the llama.cpp engine only; by default
+    it gets 16 rows, so the batch benchmarks can run 16 prompts at once."""
     from colm.engines import load_pair
+    engine_kwargs.setdefault("n_seq", 16)
     t = time.perf_counter()
-    pair = load_pair()
+    pair = load_pair(engine=engine, threads=threads, **engine_kwargs)
     return pair, time.perf_counter() - t
+
+
+def use(pair) -> None:
+    """Set torch's (process-wide) thread count to what ``load_pair`` gives this pair's engine: the pair's threads on
+    torch, 1 beside llama.cpp (torch then does only per-token vector math).  Needed when one process holds pairs of
+    both engines: the last ``load_pair`` would otherwise decide for both."""
+    torch.set_num_threads(pair.base.threads if pair.engine == "torch" and pair.base.threads else 1)
+
+
+def describe(pair) -> dict:
+    """What a result was measured on: engine, threads, models (and the torch dtype)."""
+    d = pair.describe()
+    model = getattr(pair.base, "model", None)
+    if pair.engine == "torch" and model is not None:
+        d["dtype"] = str(model.dtype)
+        d["attn"] = getattr(model.config, "_attn_implementation", None)
+    return d
 
 
 def prompts(n: int, start: int = 0) -> list[list[dict]]:
@@ -176,81 +203,117 @@ def learned_head(pair):
 @torch.inference_mode()
 def random_head(pair, prompt_ids: list[int], seed: int = 0, logit_std: float = 2.0, n_probe: int = 48):
     """A head with random weights whose logit has std ``logit_std`` on real hidden states (so p_defer varies
-    instead of saturating at 0/1).  Returns (head, sorted p_defer values on a greedy base continuation)."""
+    instead of saturating at 0/1).  Returns (head, sorted p_defer values on a greedy base continuation).
+
+    The probe states are the base's final hidden states the decoder would see: after the prompt and after each of
+    ``n_probe`` greedy tokens (engine API: one row, the prompt fed, then one token a step, hidden=True)."""
     from colm.head import DeferralHead
-    from colm.decode import _positions
     base = pair.base
+    H = base.hidden_size
     g = torch.Generator().manual_seed(seed)
-    head = DeferralHead(base.config.hidden_size, {"name": f"random head (seed {seed})", "trained": False})
-    w = torch.randn(1, base.config.hidden_size, generator=g)
-    x = torch.tensor([prompt_ids])
-    out = base.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_probe, do_sample=False)
-    m = torch.ones_like(out)
-    h = base.model(input_ids=out, attention_mask=m, position_ids=_positions(m)).last_hidden_state[0].float()
-    h = h[len(prompt_ids) - 1:]
+    head = DeferralHead(H, {"name": f"random head (seed {seed})", "trained": False})
+    w = torch.randn(1, H, generator=g)
+    rows = base.open(1)
+    try:
+        out = base.feed(rows, [list(prompt_ids)], keep=1, hidden=True)
+        hs = [out.hidden[0].clone()]
+        for _ in range(n_probe):
+            out = base.feed(rows, [[int(out.logits[0][-1].argmax())]], keep=1, hidden=True)
+            hs.append(out.hidden[0].clone())
+    finally:
+        base.close(rows)
+    h = torch.stack(hs).float().cpu()
     z = h @ w[0]
     w = w * (logit_std / z.std().clamp_min(1e-6))
     with torch.no_grad():
         head.linear.weight.copy_(w)
         head.linear.bias.fill_(float(-(h @ w[0]).mean()))
-    p = head.p_defer(h).sort().values
+    head.to(pair.device)
+    p = head.p_defer(h.to(pair.device)).cpu().sort().values
     return head, p.tolist()
 
 
 # ----------------------------------------------------------------------------------------------- raw step loops
 @torch.inference_mode()
-def raw_decode(model, prompt_ids: list[int], n: int, n_vocab: int, expert: bool = False) -> dict:
-    """Greedy decode with nothing but model calls and an argmax: the per-token step time of one model with its KV
+def raw_decode(engine, prompt_ids: list[int], n: int, hidden: bool = False) -> dict:
+    """Greedy decode with nothing but engine calls and an argmax: the per-token step time of one model with its KV
     cache, averaged over the same context lengths a real n-token answer covers (calls as in ``greedy_stepper``).
+    Pass ``hidden=True`` for the base (the decoder asks it for the hidden state every step), False for the expert.
     """
-    step = greedy_stepper(model, prompt_ids, n_vocab, expert)
-    t0 = time.perf_counter()
-    logits = step(None)
-    t1 = time.perf_counter()
-    toks = []
-    for i in range(n - 1):
-        tok = logits.argmax(-1, keepdim=True)
-        toks.append(int(tok))
-        logits = step(tok)
-    toks.append(int(logits.argmax(-1)))
-    t2 = time.perf_counter()
+    step = greedy_stepper(engine, prompt_ids, hidden)
+    try:
+        t0 = time.perf_counter()
+        logits = step(None)
+        t1 = time.perf_counter()
+        toks = []
+        for _ in range(n - 1):
+            tok = int(logits.argmax())
+            toks.append(tok)
+            logits = step(tok)
+        toks.append(int(logits.argmax()))
+        t2 = time.perf_counter()
+    finally:
+        step.close()
     return {"prefill_s": t1 - t0, "step_s": (t2 - t1) / max(1, n - 1), "total_s": t2 - t0, "tokens": toks}
 
 
-def greedy_stepper(model, prompt_ids: list[int], n_vocab: int, expert: bool = False):
-    """``step(None)`` prefills the prompt, ``step(tok [1, 1])`` feeds one token; each returns the last logits [1, V].
+def greedy_stepper(engine, prompt_ids: list[int], hidden: bool = False) -> "GreedyStepper":
+    return GreedyStepper(engine, prompt_ids, hidden)
 
-    ``expert=True`` calls the model the way Co-LLM's catch-up does (full model with logits_to_keep=1); otherwise
-    the way the base step does (backbone + LM head on the last position).
+
+class GreedyStepper:
+    """``step(None)`` prefills the prompt, ``step(tok)`` feeds one token id; each returns the last logits [V].
+    ``step.close()`` frees the engine row.
+
+    ``hidden=True`` calls the engine the way Co-LLM's base step does (the final hidden state returned too);
+    ``hidden=False`` the way a one-token expert catch-up does.
     """
-    from transformers import DynamicCache
-    from colm.decode import _positions, base_forward, expert_forward
-    cache = DynamicCache(config=model.config)
-    state = {"mask": None}
 
-    def step(tok):
-        if tok is None:
-            ids = torch.tensor([prompt_ids])
-            state["mask"] = mask = torch.ones_like(ids)
-            pos = _positions(mask)
-        else:
-            ids = tok
-            state["mask"] = mask = torch.cat([state["mask"], torch.ones_like(tok)], 1)
-            pos = _positions(mask)[:, -1:]
-        if expert:
-            return expert_forward(model, ids, mask, pos, cache, 1, n_vocab)[:, -1]
-        return base_forward(model, ids, mask, pos, cache, n_vocab)[1]
-    return step
+    def __init__(self, engine, prompt_ids: list[int], hidden: bool = False):
+        self.engine, self.prompt, self.hidden = engine, list(prompt_ids), hidden
+        self.rows = engine.open(1)
+
+    @torch.inference_mode()
+    def __call__(self, tok):
+        toks = self.prompt if tok is None else [int(tok)]
+        return self.engine.feed(self.rows, [toks], keep=1, hidden=self.hidden).logits[0][-1]
+
+    def close(self) -> None:
+        if self.rows is not None:
+            self.engine.close(self.rows)
+            self.rows = None
+
+
+def add_engine_args(ap, engines: bool = False) -> None:
+    """--engine (or --engines) and --threads, as every script takes them, plus --no-gate."""
+    if engines:
+        ap.add_argument("--engines", default="torch,llamacpp", help="comma-separated: torch, llamacpp")
+    else:
+        ap.add_argument("--engine", default="auto", choices=["auto", "torch", "llamacpp"])
+    ap.add_argument("--threads", type=int, help="CPU threads (default: every core)")
+    ap.add_argument("--no-gate", action="store_true", help="do not wait for a quiet moment before timed blocks")
+
+
+def apply_gate(a) -> None:
+    """--no-gate, and the gate's threshold: quiet enough = the cores this run uses are free (other processes use
+    at most the rest, plus a little)."""
+    GATE["on"] = not getattr(a, "no_gate", False)
+    threads = getattr(a, "threads", None) or len(os.sched_getaffinity(0))
+    GATE["threshold"] = max(0.3, (os.cpu_count() or 1) - threads + 0.3)
 
 
 def script_main(name: str, key: str, run) -> None:
-    """The shared ``__main__`` of the suite's scripts: --quick/--tokens/--reps, load the default pair, run, write
-    bench/out/<name>.json and print its path."""
+    """The shared ``__main__`` of the suite's scripts: --quick/--tokens/--reps/--engine/--threads, load the default
+    pair, run, write bench/out/<name>.json and print its path."""
     import argparse
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tokens", type=int)
     ap.add_argument("--reps", type=int)
+    add_engine_args(ap)
     a = ap.parse_args()
-    pair, _ = load()
-    print(write_json(f"{name}.json", {"machine": machine(), key: run(pair, a.quick, a.tokens, a.reps)}))
+    apply_gate(a)
+    pair, load_s = load(a.engine, a.threads)
+    res = run(pair, a.quick, a.tokens, a.reps)
+    print(write_json(f"{name}.json", {"machine": machine(), "pair": describe(pair), "load_pair_s": load_s,
+                                      key: res}))

@@ -3,6 +3,7 @@ free generation: the base's features along the expert's greedy dev answers are c
 scored on them.
 
     python bench/head_proxy.py --answers runs/eval3/runs/expert.jsonl --limit 200 HEAD.safetensors [HEAD ...]
+        [--engine auto|torch|llamacpp] [--threads N]
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ def main() -> None:
     ap.add_argument("heads", nargs="+")
     ap.add_argument("--answers", required=True, help="the expert's dev answers (JSONL from `colm rollouts`)")
     ap.add_argument("--limit", type=int, default=200)
+    C.add_engine_args(ap)
     a = ap.parse_args()
-    pair, _ = C.load()
+    pair, _ = C.load(a.engine, a.threads)
     dev = split(read_jsonl(DEFAULT_DATA), 300)[1][:a.limit]
     x, z = proxy_features(CoLLM(pair), dev, read_done(Path(a.answers)))
     score = lambda head: head.p_defer(x["h"].float(), conf=x["conf"]).detach()
-    res = {"problems": len(dev), "heads": {Path(p).name: proxy_scores(score(DeferralHead.load(p)), z) for p in a.heads},
+    res = {"pair": C.describe(pair), "problems": len(dev), "heads": {Path(p).name: proxy_scores(score(DeferralHead.load(p)), z) for p in a.heads},
            # the confidence policy's ranking (defer where the base's top probability is lowest), for reference
            "confidence": proxy_scores(1 - x["conf"][:, 0], z)}
     print(C.write_json("head_proxy.json", {"machine": C.machine(), **res}))

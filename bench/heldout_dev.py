@@ -2,7 +2,7 @@
 chose nothing.  One policy per process, so two processes can share the cores; the problems are sorted by question
 length and batched identically under every policy, so runs stopped early still cover the same problems.
 
-    python bench/heldout_dev.py expert|base|colm|random --out runs/heldout [--head H] [--rate 0.343]
+    python bench/heldout_dev.py expert|base|colm|random --out runs/heldout [--head H] [--rate 0.343] [--engine E]
 
 Each run is a resumable JSONL file in ``--out`` (``colm.evaluate.run_policy`` / ``colm.rollouts.rollout``); the
 last line printed is its summary.
@@ -31,9 +31,12 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=200, help="dev problems used to choose the threshold")
     ap.add_argument("--dev-size", type=int, default=300)
     ap.add_argument("--rate", type=float, default=0.343, help="random deferral rate")
+    ap.add_argument("--engine", default="auto", choices=["auto", "torch", "llamacpp"])
+    ap.add_argument("--threads", type=int, help="CPU threads (default: every core)")
     a = ap.parse_args()
     out = Path(a.out)
-    pair = load_pair()
+    # llama.cpp: 16 rows of up to 256 new tokens (as colm.loading sizes a batch of 16)
+    pair = load_pair(engine=a.engine, threads=a.threads, n_seq=16, n_ctx=16 * (256 + 1024))
     head = load_head(pair, a.head)
     dec = CoLLM(pair, head)
     ex = sorted(split(read_jsonl(DEFAULT_DATA), a.dev_size)[1][a.skip:], key=lambda e: len(e.question))
@@ -44,9 +47,8 @@ def main() -> None:
         recs = run_policy(dec, ex, policy, out / f"{name}.jsonl", 16, 256)
         print(json.dumps(summarize(recs)))
     else:
-        model = pair.expert if a.policy == "expert" else pair.base
         # window=1: keep the length order across batches, so the batches match run_policy's
-        recs = rollout(model, pair.tokenizer, ex, out / f"{a.policy}.jsonl", 16, 256, dec.encode, window=1)
+        recs = rollout(dec, a.policy, ex, out / f"{a.policy}.jsonl", 16, 256, window=1)
         print(json.dumps(summarize(recs, a.policy)))
 
 

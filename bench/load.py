@@ -12,6 +12,7 @@ Starts ``app.py`` as a separate server process on 127.0.0.1 (its default host), 
 
     python bench/load.py            # the default models (the full run; a few minutes on a CPU)
     python bench/load.py --quick    # tiny random models (CI runs this; well under a minute)
+    python bench/load.py --engine torch --threads 2     # --engine/--threads are passed to app.py
 
 Bounded: S x R generations of --max-new-tokens tokens, K stops, a deadline on every wait.  Writes JSON (--out) and
 prints the figures; exits 1 if any check fails.
@@ -226,6 +227,8 @@ def main(argv=None) -> int:
     p.add_argument("--expert")
     p.add_argument("--head")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--engine", default=None, choices=["auto", "torch", "llamacpp"], help="passed to app.py")
+    p.add_argument("--threads", type=int, default=None, help="passed to app.py")
     p.add_argument("--sessions", type=int, default=4)
     p.add_argument("--requests", type=int, default=5)
     p.add_argument("--max-new-tokens", type=int, default=24)
@@ -246,6 +249,8 @@ def main(argv=None) -> int:
         if "--dtype" in model_args:
             del model_args[model_args.index("--dtype"):model_args.index("--dtype") + 2]
         model_args += ["--dtype", args.dtype]
+    model_args += ["--engine", args.engine] if args.engine else []
+    model_args += ["--threads", str(args.threads)] if args.threads else []
     long_new = 900 if args.quick else 1024        # Stop lands long before either ends (tiny context: 1024)
 
     t_all = time.time()

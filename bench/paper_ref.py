@@ -1,10 +1,10 @@
 """Item 2: the paper code's way as a reference.
 
 The official Co-LLM implementation gives the expert the *full prefix* at every deferred token and keeps no expert
-KV cache.  ``paper_style`` reproduces that here (bench only, never in the library): the base keeps its cache as in
-our loop, the policy draws are the same (Policy("random", rate, seed) consumes one draw per step in both), and only
-argmax is computed (no top-k, no records) and only the last position goes through the LM head, so the reference
-is if anything flattered.
+KV cache.  ``paper_style`` reproduces that here on the engine API (bench only, never in the library; either engine):
+the base keeps its row (KV cache) as in our loop, the expert gets a fresh row per deferred token, the policy draws
+are the same (Policy("random", rate, seed) consumes one draw per step in both), and only argmax is computed (no
+top-k, no records) and only the last position's logits are kept, so the reference is if anything flattered.
 
 Our loop: CoLLM.generate with the same policy.  Both run the same prompt for the same n tokens (EOS ignored),
 interleaved, and the realised deferrals are identical.
@@ -23,37 +23,40 @@ except ImportError:
 
 @torch.inference_mode()
 def paper_style(dec, ids: list[int], n: int, policy) -> dict:
-    from transformers import DynamicCache
-    from colm.decode import _positions, base_forward
-    pair, V = dec.pair, dec.n_vocab
-    rng = policy.rng()
-    x = torch.tensor([ids])
-    mask = torch.ones_like(x)
-    cache = DynamicCache(config=pair.base.config)
-    t0 = time.perf_counter()
-    h, logits = base_forward(pair.base, x, mask, _positions(mask), cache, V)
-    seq = list(ids)
-    out, deferred, expert_tokens_fed = [], 0, 0
-    for i in range(n):
-        p = dec.head.p_defer(h, logits) if dec.head is not None else torch.full((1,), float("nan"))
-        top = torch.softmax(logits.float(), -1).max(-1).values if policy.name == "confidence" else p
-        if bool(policy.defer(p, top, rng)[0]):
-            full = torch.tensor([seq])  # the whole prefix, every time: no expert cache
-            # Only the last position's logits, gathered contiguously (the fast LM-head path; see expert_forward).
-            e_logits = pair.expert(input_ids=full, attention_mask=torch.ones_like(full), use_cache=False,
-                                   logits_to_keep=torch.tensor([len(seq) - 1])).logits[0, -1, :V]
-            tok = int(e_logits.argmax())
-            deferred += 1
-            expert_tokens_fed += len(seq)
-        else:
-            tok = int(logits[0].argmax())
-        seq.append(tok)
-        out.append(tok)
-        if i + 1 < n:
-            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], 1)
-            h, logits = base_forward(pair.base, torch.tensor([[tok]]), mask, _positions(mask)[:, -1:], cache, V)
-    return {"wall_s": time.perf_counter() - t0, "tokens": n, "deferred": deferred,
-            "expert_tokens_fed": expert_tokens_fed, "token_ids": out}
+    """The paper's loop on the engine API: the base steps one token at a time on its own row (hidden state asked,
+    as our loop asks it); a deferred token opens a fresh expert row, feeds it the whole prefix and closes it."""
+    pair = dec.pair
+    rngs = policy.rngs([0])        # CoLLM.generate draws with key 0: the same draws, the same deferrals
+    rows = pair.base.open(1)
+    try:
+        t0 = time.perf_counter()
+        o = pair.base.feed(rows, [list(ids)], keep=1, hidden=True)
+        h, logits = o.hidden, o.logits[0][-1:]
+        seq = list(ids)
+        out, deferred, expert_tokens_fed = [], 0, 0
+        for i in range(n):
+            p = dec.head.p_defer(h, logits) if dec.head is not None else torch.full((1,), float("nan"))
+            top = torch.softmax(logits.float(), -1).max(-1).values
+            if bool(policy.defer(p.cpu(), top.cpu(), rngs)[0]):
+                er = pair.expert.open(1)   # the whole prefix, every time: no expert cache
+                try:
+                    tok = int(pair.expert.feed(er, [seq], keep=1).logits[0][-1].argmax())
+                finally:
+                    pair.expert.close(er)
+                deferred += 1
+                expert_tokens_fed += len(seq)
+            else:
+                tok = int(logits[0].argmax())
+            seq.append(tok)
+            out.append(tok)
+            if i + 1 < n:
+                o = pair.base.feed(rows, [[tok]], keep=1, hidden=True)
+                h, logits = o.hidden, o.logits[0][-1:]
+        wall = time.perf_counter() - t0
+    finally:
+        pair.base.close(rows)
+    return {"wall_s": wall, "tokens": n, "deferred": deferred, "expert_tokens_fed": expert_tokens_fed,
+            "token_ids": out}
 
 
 def run(pair, quick: bool = False, n: int | None = None, reps: int | None = None, rate: float = 0.2) -> dict:
@@ -68,7 +71,9 @@ def run(pair, quick: bool = False, n: int | None = None, reps: int | None = None
     def ours(n_):
         t = time.perf_counter()
         tr = dec.generate(msgs, policy=pol, max_new_tokens=n_)
-        return {"wall_s": time.perf_counter() - t, "tokens": len(tr.steps),
+        wall = time.perf_counter() - t
+        tr.release()
+        return {"wall_s": wall, "tokens": len(tr.steps),
                 "deferred": sum(s.source == "expert" for s in tr.steps),
                 "expert_tokens_fed": len(ids) + (max(i for i, s in enumerate(tr.steps) if s.source == "expert")
                                                  if tr.expert_calls else -len(ids)),

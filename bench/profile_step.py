@@ -3,7 +3,10 @@
 left of the wall time outside ATen ops (Python, module calls, dispatch).  Also a weights-only bandwidth floor:
 bytes of weights read per step / the memory bandwidth a large copy reaches on this machine.
 
-    python bench/profile_step.py [--tokens 32]     -> bench/out/profile_step.json
+The torch engine only (torch.profiler sees ATen ops; llama.cpp's kernels are opaque to it).  The steps go
+through the engine API as the decoder makes them (``common.greedy_stepper``: the base with hidden=True).
+
+    python bench/profile_step.py [--tokens 32] [--threads N]     -> bench/out/profile_step.json
 """
 from __future__ import annotations
 
@@ -37,17 +40,20 @@ def bandwidth_gbs(mb: int = 1024) -> float:
 
 
 @torch.inference_mode()
-def profile_model(model, ids, n, V, expert: bool) -> dict:
+def profile_model(engine, ids, n, hidden: bool) -> dict:
     from torch.profiler import ProfilerActivity, profile
-    step = C.greedy_stepper(model, ids, V, expert)
-    logits = step(None)
-    for _ in range(3):  # warm-up steps
-        logits = step(logits.argmax(-1, keepdim=True))
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t = time.perf_counter()
-        for _ in range(n):
-            logits = step(logits.argmax(-1, keepdim=True))
-        wall = time.perf_counter() - t
+    step = C.greedy_stepper(engine, ids, hidden)
+    try:
+        logits = step(None)
+        for _ in range(3):  # warm-up steps
+            logits = step(int(logits.argmax()))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            for _ in range(n):
+                logits = step(int(logits.argmax()))
+            wall = time.perf_counter() - t
+    finally:
+        step.close()
     ev = prof.key_averages()
     self_us = {e.key: e.self_cpu_time_total for e in ev}
     counts = {e.key: e.count for e in ev}
@@ -61,7 +67,7 @@ def profile_model(model, ids, n, V, expert: bool) -> dict:
         sum(v for k, v in self_us.items() if k not in used) / n / 1e3
     out["groups_ms_per_step"]["outside ATen ops (Python, modules, dispatch)"] = max(0.0, wall * 1e6 - total_ops) / n / 1e3
     out["top_ops"] = sorted(((k, v / n / 1e3, counts[k] / n) for k, v in self_us.items()), key=lambda r: -r[1])[:12]
-    weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in engine.model.named_parameters()
                        if "embed_tokens" not in name)  # the embedding is a row gather, not a full read
     out["weight_bytes_read_per_step_gb"] = weight_bytes / 1e9
     return out
@@ -69,11 +75,10 @@ def profile_model(model, ids, n, V, expert: bool) -> dict:
 
 def run(pair, n: int = 32) -> dict:
     ids = C.decoder(pair).encode(C.prompts(1)[0])
-    V = len(pair.tokenizer)
     bw = bandwidth_gbs()
-    res = {"threads": torch.get_num_threads(), "n_steps": n, "copy_bandwidth_gbs": bw}
-    for name, model, expert in (("base", pair.base, False), ("expert", pair.expert, True)):
-        r = profile_model(model, ids, n, V, expert)
+    res = {"threads": torch.get_num_threads(), "n_steps": n, "copy_bandwidth_gbs": bw, "pair": C.describe(pair)}
+    for name, engine, hidden in (("base", pair.base, True), ("expert", pair.expert, False)):
+        r = profile_model(engine, ids, n, hidden)
         r["bandwidth_floor_ms"] = r["weight_bytes_read_per_step_gb"] / bw * 1e3
         res[name] = r
         C.log(f"[profile] {name}: {r['step_ms_under_profiler']:.1f} ms/step; " +
@@ -87,7 +92,5 @@ if __name__ == "__main__":
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int)
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    pair, _ = C.load()
+    pair, _ = C.load("torch", a.threads)
     print(C.write_json("profile_step.json", {"machine": C.machine(), "profile": run(pair, a.tokens)}))

@@ -12,12 +12,11 @@ expert and nothing earlier flips.  The
 override is keyed by the step index, which the bench passes to the head by wrapping ``decode_one``; the library's
 redecode path runs unmodified.
 
-The original trace is decoded once and deep-copied for each timed re-decode (redecode consumes a trace's state).
+Redecode consumes a trace's state (its engine rows), so the original is decoded afresh, untimed, before every
+timed re-decode (greedy: the same trace every time).
 Every re-decode is checked token-for-token against the full decode at the same eta'.
 """
 from __future__ import annotations
-
-import copy
 
 import numpy as np
 import torch
@@ -59,7 +58,7 @@ def _track_position(dec, head: OverrideHead):
     inner = dec.decode_one
 
     def decode_one(st, *a, **k):
-        head.pos = st.ids.shape[1] - st.prompt_len   # index of the step being decided
+        head.pos = len(st.seqs[0]) - st.prompt_lens[0]   # index of the step being decided
         return inner(st, *a, **k)
     dec.decode_one = decode_one
 
@@ -86,8 +85,9 @@ def run(pair, quick: bool = False, n: int | None = None, reps: int | None = None
         plan[q] = {"t": t, "p_override": _f32(eta - width), "eta_new": _f32(eta - width - 2 * ULP)}
 
     C.log(f"[redecode] eta={eta}: original decode (with overrides)")
-    dec.generate(msgs, threshold=eta, max_new_tokens=4)  # warm-up
+    dec.generate(msgs, threshold=eta, max_new_tokens=4).release()  # warm-up
     (orig, orig_noise) = C.timed(dec.generate, msgs, threshold=eta, max_new_tokens=n)
+    orig.release()
     orig_wall = orig_noise["wall_s"]
     p = [s.p_defer for s in orig.steps]
     for q, pl in plan.items():
@@ -98,10 +98,14 @@ def run(pair, quick: bool = False, n: int | None = None, reps: int | None = None
     for q, pl in plan.items():
         C.log(f"[redecode] full decode at eta'={pl['eta_new']} (target {q:.0%})")
         full, full_noise = C.timed(dec.generate, msgs, threshold=pl["eta_new"], max_new_tokens=n)
+        full.release()
         re_runs = []
         for rep in range(reps):
-            tr = copy.deepcopy(orig)
+            tr = dec.generate(msgs, threshold=eta, max_new_tokens=n)   # a fresh original (untimed)
+            if tr.token_ids != orig.token_ids:
+                raise RuntimeError("the original decode is not reproducible; re-decode timings would be void")
             re, nz = C.timed(dec.redecode, tr, pl["eta_new"], n)
+            re.release()
             wall = nz["wall_s"]
             re_runs.append({"wall_s": wall, "decode_s": re.decode_seconds, "setup_s": re.prefill_seconds,
                             "reused": re.reused_steps, "noise": nz})

@@ -1,6 +1,7 @@
 """Regenerate assets/screenshot.png: the real app on the default pair with the shipped head, in Debian's Chromium.
 
     python bench/screenshot.py [--example "Bakery sales (word problem)"] [--max-new 160] [--out assets/screenshot.png]
+                               [--engine auto|torch|llamacpp] [--threads N]
 
 Starts the app in-process on a free port, clicks an example, sets the token limit, generates at the head's own
 threshold and waits for the decode to finish before the full-page screenshot.
@@ -26,11 +27,13 @@ def main() -> None:
     ap.add_argument("--example", default="Bakery sales (word problem)")
     ap.add_argument("--max-new", type=int, default=160)
     ap.add_argument("--out", default=str(ROOT / "assets" / "screenshot.png"))
+    ap.add_argument("--engine", default="auto", choices=["auto", "torch", "llamacpp"])
+    ap.add_argument("--threads", type=int)
     a = ap.parse_args()
     import app
     from playwright.sync_api import sync_playwright
     from colm import CoLLM, load_head, load_pair
-    pair = load_pair()
+    pair = load_pair(engine=a.engine, threads=a.threads)
     head = load_head(pair)
     demo = app.build_app(CoLLM(pair, head), default_max_new=a.max_new)
     with socket.socket() as s:
