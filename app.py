@@ -36,6 +36,7 @@ MAX_PROMPT_CHARS = 8000
 CHART_EVERY_S = 0.5        # the chart is the heavy part of a streamed update; the text updates every token
 STATE_TTL_S = 3600         # a trace holds KV caches; drop a session's after an hour of disuse
 MODEL = "model"            # one concurrency group for every callback that runs a model
+DEFAULT_MAX_NEW = 512      # covers every shipped example's whole answer (bench/examples.py measures them)
 
 POLICY_CHOICES = [("Co-LLM", "colm"), ("base only", "base"), ("expert only", "expert"),
                   ("random", "random"), ("confidence", "confidence")]
@@ -136,7 +137,7 @@ def head_banner(decoder: CoLLM) -> str:
 
 # ----------------------------------------------------------------------------------------------- the page
 def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] | None = None,
-              max_prompt_chars: int = MAX_PROMPT_CHARS, default_max_new: int = 128) -> gr.Blocks:
+              max_prompt_chars: int = MAX_PROMPT_CHARS, default_max_new: int = DEFAULT_MAX_NEW) -> gr.Blocks:
     """The whole demo around one loaded decoder.  Callbacks close over ``decoder`` and nothing else shared."""
     examples = load_examples() if examples is None else examples
     thr0 = decoder.head.threshold if decoder.head is not None else 0.5

@@ -87,7 +87,7 @@ def cmd_generate(args) -> int:
                              chat=not args.raw)
         d = trace.to_dict(full=False)
         keys = ("text", "deferral_rate", "expert_calls", "decode_seconds", "tokens_per_second", "base_model",
-                "expert_model", "head", "head_trained", "policy", "stop_reason", "steps")
+                "expert_model", "head", "head_trained", "engine", "policy", "stop_reason", "steps")
         print(json.dumps({k: d[k] for k in keys}, ensure_ascii=False))
         return 0
     if sys.stdout.isatty():

@@ -29,6 +29,7 @@ def test_generate_json_on_tiny_local_pair(pair_dirs, tmp_path):
             "expert_model", "head", "steps"} <= set(d)
     assert len(d["steps"]) == 8 and set(d["steps"][0]) == {"position", "token_id", "text", "source", "p_defer"}
     assert d["expert_calls"] == sum(s["source"] == "expert" for s in d["steps"])
+    assert d["engine"] == "torch"          # model directories run on torch under --engine auto
 
 
 def test_generate_plain_marks_and_reports_rate(pair_dirs):
@@ -199,3 +200,14 @@ def test_usage_errors_are_one_line(capsys):
         main(["generate", "hi", "--bogus"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "--bogus" in err
+
+
+def test_generate_json_on_the_default_pair_says_llamacpp():
+    """The embedded pair under --engine auto on a CPU runs on llama.cpp, and --json says so."""
+    from conftest import default_pair_installed
+    if not default_pair_installed():
+        pytest.skip("embedded default pair or llama-cpp-python not installed")
+    r = run("generate", "What is 2+2?", "--max-new-tokens", "6", "--json", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["engine"] == "llamacpp" and len(d["steps"]) <= 6 and d["head"] == "head-gsm8k.safetensors"
