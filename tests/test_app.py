@@ -234,12 +234,14 @@ def test_loading_page_shows_progress_then_error_or_ready():
     page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         c = client(f"http://127.0.0.1:{port}")
-        shown = lambda: c.predict(api_name="/loading_status")
-        assert "Loading the models" in shown()
+        shown = lambda: c.predict(api_name="/loading_status")[0]
+        timer_on = lambda: c.predict(api_name="/loading_status")[1]["active"]
+        assert "Loading the models" in shown() and timer_on()
         status.log("assembling base-model from 3 chunks")
         assert "assembling base-model from 3 chunks" in shown()
         status.finish("no such model: nope")
         assert "Loading failed:** no such model: nope" in shown()
+        assert not timer_on()     # stopped: no tick may reach the demo that takes over the port
         status.finish()
         text = shown()
         assert text.startswith("**Ready.") and "assembling base-model" in text

@@ -125,7 +125,7 @@ def test_empty_prompt_shows_message(page):
     page.wait_for_selector("#note :text('prompt is empty')")
 
 
-def test_app_main_on_the_default_engine(tmp_path):
+def test_app_main_on_the_default_engine(tmp_path, page):
     """As a user starts it: `python app.py` on the embedded default pair and the default engine (llama.cpp on a
     CPU), loading page included; generate a short Co-LLM answer with the shipped head and re-decode at another
     threshold.  The server log must end with no traceback, the browser console with no error."""
@@ -143,36 +143,35 @@ def test_app_main_on_the_default_engine(tmp_path):
                                 env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     errors = []
     try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            pg = browser.new_page(viewport={"width": 1300, "height": 1000})
-            deadline = time.monotonic() + 120
-            while True:     # the loading page comes up first, on the same port
-                try:
-                    pg.goto(f"http://127.0.0.1:{port}")
-                    break
-                except Exception:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise
-                    time.sleep(0.5)
-            pg.set_default_timeout(120_000)
-            pg.wait_for_selector("#prompt textarea")          # the demo, after the loading page reloaded
-            # From here on: the loading page's polls during the hand-over (server down for a moment) are not counted.
-            pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            pg.on("pageerror", lambda e: errors.append(str(e)))
-            assert "engine llamacpp" in pg.inner_text("#models")
-            pg.fill("#prompt textarea", "What is 12 * 7? Answer briefly.")
-            pg.fill("#max-new input[type=number]", "24")
-            pg.press("#max-new input[type=number]", "Enter")
-            pg.click("#generate")
-            wait_summary(pg)            # finished, or hit the 24 tokens
-            text = pg.inner_text("#summary")
-            assert "Co-LLM" in text and "tokens/s" in text
-            pg.fill("#threshold input[type=number]", "0.05")
-            pg.press("#threshold input[type=number]", "Enter")
-            pg.click("#apply")
-            wait_summary(pg, "η = 0.05")
-            browser.close()
+        # the module's browser (one Playwright per process), a new page of it
+        pg = page.context.browser.new_page(viewport={"width": 1300, "height": 1000})
+        deadline = time.monotonic() + 120
+        while True:     # the loading page comes up first, on the same port
+            try:
+                pg.goto(f"http://127.0.0.1:{port}")
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        pg.set_default_timeout(120_000)
+        pg.wait_for_selector("#prompt textarea")          # the demo, after the loading page reloaded
+        # From here on: the loading page's polls during the hand-over (server down for a moment) are not counted.
+        pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        assert "engine llamacpp" in pg.inner_text("#models")
+        pg.fill("#prompt textarea", "What is 12 * 7? Answer briefly.")
+        pg.fill("#max-new input[type=number]", "24")
+        pg.press("#max-new input[type=number]", "Enter")
+        pg.click("#generate")
+        wait_summary(pg)            # finished, or hit the 24 tokens
+        text = pg.inner_text("#summary")
+        assert "Co-LLM" in text and "tokens/s" in text
+        pg.fill("#threshold input[type=number]", "0.05")
+        pg.press("#threshold input[type=number]", "Enter")
+        pg.click("#apply")
+        wait_summary(pg, "η = 0.05")
+        pg.close()
     finally:
         proc.terminate()
         try:

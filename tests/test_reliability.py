@@ -413,21 +413,28 @@ def test_identities_shown_on_the_page(url):
 
 
 def test_key_dependencies_are_pinned():
+    """pyproject.toml lists the dependencies once; requirements.txt installs colm from it (and builds llama-cpp-python
+    lean, at the same pinned version)."""
     import importlib.metadata as md
+    import tomllib
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     pins = {}
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            name, op, version = re.match(r"([A-Za-z0-9_.\-]+)\s*([=<>!~]=|[<>])?\s*(\S*)", line).groups()
-            pins[name.lower()] = (op, version)
+    for line in deps:
+        name, op, version = re.match(r"([A-Za-z0-9_.\-]+)\s*([=<>!~]=|[<>])?\s*(\S*)", line).groups()
+        pins[name.lower()] = (op, version)
     key = ["torch", "transformers", "tokenizers", "accelerate", "safetensors", "gguf", "gradio", "gradio_client",
-           "plotly"]
+           "plotly", "llama-cpp-python"]
     chunks = [s.requirement(i).split("==")[0] for s in (models.DEFAULT_BASE, models.DEFAULT_EXPERT)
               for i in range(1, s.n_parts + 1)]
     for name in key + chunks:
-        assert pins.get(name.lower(), (None,))[0] == "==", f"{name} must be pinned with == in requirements.txt"
+        assert pins.get(name.lower(), (None,))[0] == "==", f"{name} must be pinned with == in pyproject.toml"
     for name in key:   # and what runs is what is pinned
         assert md.version(name).split("+")[0] == pins[name.lower()][1], name
+    req = (ROOT / "requirements.txt").read_text().splitlines()
+    assert "-e ." in req
+    llama = [r for r in req if r.startswith("llama-cpp-python==")]
+    assert len(llama) == 1 and llama[0].split()[0] == f"llama-cpp-python=={pins['llama-cpp-python'][1]}"
+    assert "--config-settings=" in llama[0]
 
 
 # ----------------------------------------------------------------------------------------------- broken files
@@ -612,7 +619,7 @@ def fake_default(tmp_path, monkeypatch, pair):
             if gguf_file is None:
                 return real_model.from_pretrained(path, *a, **kw)
             builds.append(role_of(path))
-            return getattr(pair, role_of(path))
+            return getattr(pair, role_of(path)).model
 
     class FakeTok:
         @classmethod
@@ -625,7 +632,9 @@ def fake_default(tmp_path, monkeypatch, pair):
 
 
 def left_in_cache(cache: Path) -> list[str]:
-    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+    """What a start left in the cache, less the per-model lock files (kept by design: a lock is free when no
+    process holds it)."""
+    return sorted(p.name for p in cache.iterdir() if not p.name.startswith(".lock-")) if cache.exists() else []
 
 
 def damage(fake, kind: str, monkeypatch) -> str:
@@ -649,14 +658,14 @@ def test_broken_default_chunks(fake_default, kind, surface, capsys, fake_serve, 
     words = damage(fake_default, kind, monkeypatch)
     if surface == "lib":
         with pytest.raises(ColmError) as e:
-            load_pair(dtype="fp32", device="cpu")
+            load_pair(engine="torch", dtype="fp32", device="cpu")
         shown = str(e.value)
     elif surface == "cli":
-        code, out, err = run_cli(["generate", "hi", "--policy", "base", "--dtype", "fp32", "--device", "cpu"], capsys)
+        code, out, err = run_cli(["generate", "hi", "--policy", "base", "--engine", "torch", "--dtype", "fp32", "--device", "cpu"], capsys)
         assert code == 2 and "Traceback" not in err
         shown = err.strip().split("error: ", 1)[-1]
     else:
-        assert app.main(["--dtype", "fp32", "--device", "cpu"]) == 2 and fake_serve == []
+        assert app.main(["--engine", "torch", "--dtype", "fp32", "--device", "cpu"]) == 2 and fake_serve == []
         shown = capsys.readouterr().err.strip().split("error: ", 1)[-1]
     assert words in shown
     assert left_in_cache(fake_default["cache"]) == []     # nothing half-built, nothing trusted later
@@ -684,19 +693,19 @@ def test_default_cache_recovers(fake_default, kind, surface, capsys, fake_serve)
             part = fake_default["parts"]["base"][0]
             part.write_bytes(b"\xff" * part.stat().st_size)
     if surface == "lib":
-        trace = CoLLM(load_pair(dtype="fp32", device="cpu")).generate("hi", policy=Policy("base"), max_new_tokens=3)
+        trace = CoLLM(load_pair(engine="torch", dtype="fp32", device="cpu")).generate("hi", policy=Policy("base"), max_new_tokens=3)
         shown = f"answer, {len(trace.steps)} tokens"
     elif surface == "cli":
-        code, out, err = run_cli(["generate", "hi", "--policy", "base", "--max-new-tokens", "3", "--dtype", "fp32",
-                                  "--device", "cpu"], capsys)
+        code, out, err = run_cli(["generate", "hi", "--policy", "base", "--max-new-tokens", "3", "--engine", "torch",
+                                  "--dtype", "fp32", "--device", "cpu"], capsys)
         assert code == 0, err
         shown = "exit 0, answer"
     else:
-        assert app.main(["--dtype", "fp32", "--device", "cpu"]) == 0 and len(fake_serve) == 1
+        assert app.main(["--engine", "torch", "--dtype", "fp32", "--device", "cpu"]) == 0 and len(fake_serve) == 1
         shown = "serves"
     rebuilt = "base" in builds
     assert rebuilt == (kind != "good cache, chunk corrupted later")
-    assert left_in_cache(cache) == ["fake-base", "fake-expert"]
+    assert left_in_cache(cache) == ["fake-base", "fake-expert", "gguf", "tokenizer"]
     meta = json.loads((cache / spec.name / "colm-cache.json").read_text())
     assert meta["gguf_sha256"] == spec.sha256 and meta["files"]["model.safetensors"] == \
         (cache / spec.name / "model.safetensors").stat().st_size
@@ -780,7 +789,7 @@ def test_killed_cold_start_leaves_no_trusted_cache(fake_default, phase, tmp_path
     assert any(n.startswith(f".building-{spec.name}-") for n in leftovers)
     # The next start: the leftovers are removed, the build is redone from verified chunks and stamped.
     final = colm_cache.ensure_default_cached(spec)
-    assert left_in_cache(cache) == [spec.name] and fake_default["builds"] == ["base"]
+    assert left_in_cache(cache) == [spec.name, "gguf"] and fake_default["builds"] == ["base"]   # + the kept GGUF
     meta = json.loads((final / "colm-cache.json").read_text())
     assert all((final / f).stat().st_size == s for f, s in meta["files"].items())
     assert colm_cache.ensure_default_cached(spec) == final and fake_default["builds"] == ["base"]   # then reused
