@@ -67,8 +67,15 @@ class DecodeState:
 class CoLLM:
     """A base/expert pair plus a deferral head.  Every call returns its own Trace."""
 
-    def __init__(self, pair: Pair, head: DeferralHead | None = None, top_k: int = 5, max_prompt_tokens: int = 4096):
+    def __init__(self, pair: Pair, head: DeferralHead | None = None, top_k: int = 5, max_prompt_tokens: int = 4096,
+                 expert_view: str | None = None):
+        """``expert_view``: "all" back-fills the expert's top-k at every position a catch-up covers; "deferred"
+        reads the expert's logits at deferred positions only.  Default: "all" on torch, where the extra LM-head rows
+        are nearly free, "deferred" on llama.cpp, where each costs about a tenth of an expert step."""
         self.pair, self.head, self.top_k, self.max_prompt_tokens = pair, head, top_k, max_prompt_tokens
+        self.expert_view = expert_view or ("all" if pair.engine == "torch" else "deferred")
+        if self.expert_view not in ("all", "deferred"):
+            raise ColmError(f"expert_view must be 'all' or 'deferred', got {expert_view!r}")
         tok = pair.tokenizer
         eos = set()
         for src in (tok.eos_token_id, getattr(getattr(getattr(pair.base, "model", None), "generation_config", None),
@@ -161,6 +168,8 @@ class CoLLM:
             E = st.expert_rows.lengths
             # logits at index j predict token j + 1: generated position g is predicted at P + g - 1
             first = [max(E[b], st.prompt_lens[b] - 1) for b in range(B)]
+            if self.expert_view == "deferred":
+                first = [len(st.seqs[b]) - 1 for b in range(B)]
             tokens = [st.seqs[b][E[b]:] if who[b] else [] for b in range(B)]
             keep = [len(st.seqs[b]) - first[b] if who[b] else 1 for b in range(B)]
             out = self._roomy(self.pair.expert.feed, st.expert_rows, tokens, keep)
