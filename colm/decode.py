@@ -105,22 +105,17 @@ class CoLLM:
                             f"context of {ctx} tokens")
 
     # -- rows -----------------------------------------------------------------------------------------------
-    def _evict_one(self) -> bool:
-        """Free the least recently used idle state (kept only for a later re-decode); False if there is none."""
-        idle = sorted((s for s in list(self._states) if not s.closed and s.last_used >= 0), key=lambda s: s.last_used)
-        if idle:
-            idle[0].close()
-        return bool(idle)
-
     def _roomy(self, fn, *args, **kwargs):
-        """Call an engine; when its slots or KV cells run out, free idle states (least recently used first) and
-        retry.  Only when nothing idle is left is it the caller's error.  Engines check room before they start."""
+        """Call an engine; when its slots or KV cells run out, free the least recently used idle state (kept only
+        for a later re-decode) and retry; with none left it is the caller's error.  Engines check room first."""
         while True:
             try:
                 return fn(*args, **kwargs)
             except (SlotsExhausted, ContextFull):
-                if not self._evict_one():
+                idle = [s for s in list(self._states) if not s.closed and s.last_used >= 0]
+                if not idle:
                     raise
+                min(idle, key=lambda s: s.last_used).close()
 
     def _open(self, n: int):
         """n rows on both engines."""
