@@ -100,6 +100,8 @@ def test_llamacpp_checks_sizes_before_calling(small_base):
         with pytest.raises(ColmError, match="context"):
             small_base.feed(rows, [[100] * 300])
         assert rows.lengths == [0]                 # nothing was fed
+        with pytest.raises(ColmError, match="vocabulary"):
+            small_base.score([[100, 151936]], [[0]], hidden=False, reduce=lambda lg, s: {"x": lg})
         out = small_base.feed(rows, [[100, 101, 102]], keep=2, hidden=True)
         assert out.logits[0].shape == (2, 151936) and out.hidden.shape == (1, 896)
     finally:

@@ -242,6 +242,8 @@ class LlamaCppEngine:
                     raise ColmError("score: a wanted position lies outside its sequence")
                 if len(seq) > self.n_ctx:
                     raise ColmError(f"a sequence of {len(seq)} tokens exceeds the engine's context of {self.n_ctx}")
+                if any(not 0 <= int(x) < self.n_vocab for x in seq):   # llama.cpp aborts on such an id
+                    raise ColmError(f"score: a token id outside the vocabulary of {self.n_vocab}")
                 wanted = set(want)
                 # Embeddings on makes every token an output: keep such calls small (chunk × V floats each).
                 step = chunk if hidden else self.n_batch
