@@ -73,7 +73,7 @@ class CoLLM:
         reads the expert's logits at deferred positions only.  Default: "all" on torch, where the extra LM-head rows
         are nearly free, "deferred" on llama.cpp, where each costs about a tenth of an expert step."""
         self.pair, self.head, self.top_k, self.max_prompt_tokens = pair, head, top_k, max_prompt_tokens
-        self.expert_view = expert_view or ("all" if pair.engine == "torch" else "deferred")
+        self.expert_view = expert_view or ("all" if pair.expert.cheap_logits else "deferred")
         if self.expert_view not in ("all", "deferred"):
             raise ColmError(f"expert_view must be 'all' or 'deferred', got {expert_view!r}")
         tok = pair.tokenizer
@@ -158,8 +158,8 @@ class CoLLM:
         catch = {}
         if bool(defer.any()):
             # Catch-up: every pending token in one expert call.  An engine whose rows share one padded cache
-            # (torch) catches all active rows up together; llama.cpp only the deferring ones.
-            who = on if getattr(self.pair.expert, "name", "") == "torch" else defer
+            # (torch) catches all active rows up together; one with rows of their own only the deferring ones.
+            who = on if self.pair.expert.shared_cache else defer
             E = st.expert_rows.lengths
             # logits at index j predict token j + 1: generated position g is predicted at P + g - 1
             first = [max(E[b], st.prompt_lens[b] - 1) for b in range(B)]

@@ -112,12 +112,8 @@ def load_tokenizer(source: str, progress=None, trust_remote_code: bool = False):
     return tok
 
 
-def check_compatible(base, expert, base_tok, expert_tok) -> None:
-    """Refuse a pair unless both tokenizers map the same strings to the same ids.
-
-    The embedding matrices may be padded past the tokenizer (Qwen pads to 151936), so only the tokenizer's own
-    ids are compared, and both models must have room for all of them.
-    """
+def check_same_vocab(base_tok, expert_tok) -> None:
+    """Refuse a pair unless both tokenizers map the same strings to the same ids (Co-LLM swaps token ids)."""
     vb, ve = base_tok.get_vocab(), expert_tok.get_vocab()
     if vb != ve:
         only_b = len(set(vb.items()) - set(ve.items()))
@@ -125,7 +121,14 @@ def check_compatible(base, expert, base_tok, expert_tok) -> None:
         raise TokenizerMismatchError(
             f"base and expert tokenizers differ ({len(vb)} vs {len(ve)} tokens; {only_b} base-only and {only_e} "
             "expert-only token→id entries). Co-LLM swaps tokens between the models, so they must share a tokenizer.")
-    need = max(vb.values()) + 1
+
+
+def check_compatible(base, expert, base_tok, expert_tok) -> None:
+    """Refuse a pair of transformers models unless their tokenizers agree (``check_same_vocab``) and both models
+    have an output row for every token id.  The embedding matrices may be padded past the tokenizer (Qwen pads to
+    151936), so only the tokenizer's own ids are compared."""
+    check_same_vocab(base_tok, expert_tok)
+    need = max(base_tok.get_vocab().values()) + 1
     for role, m in (("base", base), ("expert", expert)):
         n = m.get_output_embeddings().weight.shape[0]
         if n < need:

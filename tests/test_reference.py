@@ -251,13 +251,17 @@ def far_off(got, off) -> bool:
     return dl > 2 * LLAMA_LOGIT_TOL or dh > 2 * LLAMA_HIDDEN_TOL
 
 
-@pytest.mark.parametrize("model", ["base", "expert"])
-def test_crop_and_continue_equals_a_fresh_feed(engine_pair, model):
+def crop_setup(engine_pair, model):
+    """(kind, engine, sequences, continuations) for the crop tests; the llama.cpp expert is skipped."""
     kind, pair = engine_pair.kind, engine_pair.pair
     if kind == "llamacpp" and model == "expert":
         pytest.skip("the llama.cpp engine code is the same for both models; the base is checked")
-    eng = getattr(pair, model)
-    seqs, conts = crop_case(pair)
+    return (kind, getattr(pair, model), *crop_case(pair))
+
+
+@pytest.mark.parametrize("model", ["base", "expert"])
+def test_crop_and_continue_equals_a_fresh_feed(engine_pair, model):
+    kind, eng, seqs, conts = crop_setup(engine_pair, model)
     seq, cont = seqs[0], conts[0]
     with torch.inference_mode():
         for t in (len(seq) - 1, len(seq) // 2, 1):
@@ -282,11 +286,7 @@ def test_crop_and_continue_equals_a_fresh_feed(engine_pair, model):
 
 @pytest.mark.parametrize("model", ["base", "expert"])
 def test_batch_crop_to_different_lengths_equals_fresh_feeds(engine_pair, model):
-    kind, pair = engine_pair.kind, engine_pair.pair
-    if kind == "llamacpp" and model == "expert":
-        pytest.skip("the llama.cpp engine code is the same for both models; the base is checked")
-    eng = getattr(pair, model)
-    seqs, conts = crop_case(pair)
+    kind, eng, seqs, conts = crop_setup(engine_pair, model)
     cuts = [len(seqs[0]) // 3, len(seqs[1]) - 2]
     with torch.inference_mode():
         rows = eng.open(2)

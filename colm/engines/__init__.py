@@ -45,6 +45,8 @@ class Engine(Protocol):
     n_vocab: int            # V: the tokenizer's vocabulary
     hidden_size: int        # H
     n_ctx: int              # the most tokens one row may hold
+    shared_cache: bool      # rows share one padded cache: feeding one row costs a column for every row
+    cheap_logits: bool      # logits at more positions of a feed cost next to nothing (memory-bound kernels)
 
     def open(self, n: int) -> Rows: ...
     def feed(self, rows: Rows, tokens: Sequence[Sequence[int]], keep: Sequence[int] | int = 1,
@@ -166,8 +168,7 @@ def load_pair(base: str = "default", expert: str = "default", engine: str = "aut
     paths = gguf_path(base, "base", progress), gguf_path(expert, "expert", progress)   # refuse non-GGUF at once
     tok = models.load_tokenizer(base, progress, trust_remote_code)
     expert_tok = tok if expert == base else models.load_tokenizer(expert, progress, trust_remote_code)
-    if tok.get_vocab() != expert_tok.get_vocab():
-        models.check_compatible(None, None, tok, expert_tok)   # raises with the counts
+    models.check_same_vocab(tok, expert_tok)     # each engine checks its model's rows against the tokenizer
     n_vocab = len(tok)
     b = LlamaCppEngine(paths[0], n_vocab, threads, role="base", **engine_kwargs)
     e = LlamaCppEngine(paths[1], n_vocab, threads, role="expert", **engine_kwargs)

@@ -72,6 +72,8 @@ def gguf_path(source: str, role: str, progress=None) -> Path:
 
 class LlamaCppEngine:
     name = "llamacpp"
+    shared_cache = False    # a row is its own sequence: rows are fed (and cropped) alone
+    cheap_logits = False    # quantised CPU kernels are compute-bound: each extra LM-head row costs ~1/10 of a step
 
     def __init__(self, path: str | Path, n_vocab: int, threads: int = 1, role: str = "model", n_ctx: int = 8192,
                  n_seq: int = 8, n_batch: int = 512, verbose: bool = False):

@@ -29,6 +29,8 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 class TorchEngine:
     name = "torch"
+    shared_cache = True     # one batched DynamicCache for all rows of a handle
+    cheap_logits = True     # bf16 matmuls on a CPU are memory-bound: extra LM-head rows are nearly free
 
     def __init__(self, model, n_vocab: int, threads: int | None = None):
         self.model, self.n_vocab, self.threads = model, n_vocab, threads
