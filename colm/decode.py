@@ -17,6 +17,7 @@ expert-only baselines, training rollouts and Co-LLM all decode through this loop
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -55,12 +56,11 @@ class DecodeState:
             self.pair.expert.close(self.expert_rows)
             self.base_rows = self.expert_rows = None
 
-    @property
-    def closed(self) -> bool:
-        return self.base_rows is None
+    closed = property(lambda self: self.base_rows is None)
 
     def __del__(self):   # a trace dropped without release() gives its rows back when it is collected
-        self.close()
+        with contextlib.suppress(Exception):   # at interpreter exit the engines' modules may be torn down
+            self.close()
 
 
 # ----------------------------------------------------------------------------------------------- decoder
