@@ -334,6 +334,8 @@ class LoadStatus:
         self.t0 = time.monotonic()
         self.state = "loading"            # then "ready" or "failed"
         self.error = ""
+        self.ready_at = None              # monotonic time of finish()
+        self.polled_at = None             # monotonic time of a loading page's last tick
 
     def log(self, message: str) -> None:
         with self._lock:
@@ -342,6 +344,15 @@ class LoadStatus:
     def finish(self, error: str | None = None) -> None:
         with self._lock:
             self.state, self.error = ("failed", error) if error else ("ready", "")
+            self.ready_at = time.monotonic()
+
+    def handover_wait(self, tick: float = 1.0) -> float:
+        """Seconds to keep the loading page up so an open one sees "ready" on its next tick (it then reloads
+        into the demo by itself); none when no page has ticked lately."""
+        with self._lock:
+            if self.polled_at is None or time.monotonic() - self.polled_at > 3 * tick:
+                return 0.0
+            return max(0.0, self.ready_at + tick + 0.3 - time.monotonic())
 
     def markdown(self) -> str:
         with self._lock:
@@ -381,6 +392,7 @@ def build_loading_page(status: LoadStatus) -> gr.Blocks:
         def poll():
             # Once ready the timer stops: a tick still in flight when the demo takes over the port would reach the
             # demo's first event handler (a gr.Examples loader) with the loading page's inputs, and fail there.
+            status.polled_at = time.monotonic()
             md = status.markdown()
             return md, gr.Timer(active=status.state == "loading")
         timer.tick(poll, None, [text, timer], api_name="loading_status", concurrency_limit=None).then(
@@ -458,13 +470,13 @@ def main(argv=None) -> int:
         if status.state != "ready":
             print(f"error: {status.error}", file=sys.stderr, flush=True)
             return 2
-        time.sleep(2.5)                             # let open pages see "ready" before the server goes
+        demo = build_app(*loaded[0])                # built while the loading page still answers
+        time.sleep(status.handover_wait())
     except KeyboardInterrupt:
         return 2 if status.state == "failed" else 130
     finally:
         loading.close()
-    decoder, banner = loaded[0]
-    serve(build_app(decoder, banner), server_name=args.host, server_port=args.port, share=args.share)
+    serve(demo, server_name=args.host, server_port=args.port, share=args.share)
     return 0
 
 

@@ -247,3 +247,20 @@ def test_loading_page_shows_progress_then_error_or_ready():
         assert text.startswith("**Ready.") and "assembling base-model" in text
     finally:
         page.close()
+
+
+@pytest.mark.parametrize("polled_ago, ready_ago, wait", [
+    (None, 0.0, 0.0),        # no page open: the demo takes the port at once
+    (10.0, 0.0, 0.0),        # a page that stopped ticking long ago (closed tab)
+    (0.5, 0.0, 1.3),         # an open page: one tick (1 s) and a margin from "ready"
+    (0.5, 1.0, 0.3),
+    (0.5, 2.0, 0.0),         # the build took longer than a tick: nothing left to wait
+])
+def test_the_loading_page_stays_up_only_while_an_open_page_needs_a_tick(monkeypatch, polled_ago, ready_ago, wait):
+    now = 1000.0
+    monkeypatch.setattr(app.time, "monotonic", lambda: now)
+    status = app.LoadStatus()
+    status.finish()
+    status.ready_at = now - ready_ago
+    status.polled_at = None if polled_ago is None else now - polled_ago
+    assert status.handover_wait(tick=1.0) == pytest.approx(wait)

@@ -392,6 +392,21 @@ def test_gguf_file_tokenizer_is_cached(tmp_path, monkeypatch, tok):
     assert models.load_tokenizer(str(path)).get_vocab() == tok.get_vocab()
 
 
+def test_tokenizer_extraction_skips_the_slow_whole_file_parse(tmp_path, monkeypatch, tok):
+    """AutoTokenizer(gguf_file=...) parses every field with gguf-py's reader just to learn the architecture (12 s
+    of 14 for the default base); the extraction reads the architecture with the fast reader and builds the same."""
+    import gguf
+    monkeypatch.setenv("COLM_CACHE_DIR", str(tmp_path / "cache"))
+    path = write_tiny_gguf(tmp_path / "m.gguf", tok)
+    assert colm_cache._tokenizer_class(path).__name__ == "Qwen2Tokenizer"
+
+    def slow(*a, **k):
+        raise AssertionError("the whole-file GGUF reader was used")
+    monkeypatch.setattr(gguf, "GGUFReader", slow)
+    t = models.load_tokenizer(str(path))
+    assert t.get_vocab() == tok.get_vocab() and t.chat_template == CHATML
+
+
 RACE = r"""
 import json, os, sys, time
 from pathlib import Path
