@@ -49,10 +49,13 @@ SETTLE_S = 0.3   # pause before each timed block: the other engine's worker thre
 
 @torch.inference_mode()
 def catchup_cost(pair, ids: list[int], ks=(1, 2, 4, 8, 16), reps: int = 3) -> dict:
-    """Expert feed time for k pending tokens (keep=k logits, as the decoder's catch-up) on a cached prefix, relative
-    to k = 1.  The prefix is the prompt less its last max(ks) tokens; the k pending tokens are the prompt's next k."""
+    """Expert feed time for k pending tokens on a cached prefix, relative to k = 1, with logits kept as the default
+    decoder keeps them (every covered position where logits are cheap, torch; the last only, llama.cpp), and the
+    least-squares line seconds = a + b * k through the points (the cost model's catch-up term).  The prefix is the
+    prompt less its last max(ks) tokens; the k pending tokens are the prompt's next k."""
     C.use(pair)
     eng = pair.expert
+    every = eng.cheap_logits
     ks = [k for k in ks if k < len(ids)]
     L = len(ids) - max(ks)
     rows = eng.open(1)
@@ -65,13 +68,24 @@ def catchup_cost(pair, ids: list[int], ks=(1, 2, 4, 8, 16), reps: int = 3) -> di
             ts = []
             for _ in range(reps):
                 t = time.perf_counter()
-                eng.feed(rows, [ids[L:L + k]], keep=k)
+                eng.feed(rows, [ids[L:L + k]], keep=k if every else 1)
                 ts.append(time.perf_counter() - t)
                 eng.crop(rows, [L])
             res[k] = C.med(ts)
     finally:
         eng.close(rows)
-    return {"prefix_tokens": L, "seconds": res, "relative_to_k1": {k: v / res[ks[0]] for k, v in res.items()}}
+    xs, ys = list(res), list(res.values())
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return {"prefix_tokens": L, "keep": "k" if every else 1, "seconds": res,
+            "relative_to_k1": {k: v / res[ks[0]] for k, v in res.items()}, "fit_a_s": my - b * mx, "fit_b_s": b}
+
+
+def catchups(steps, prompt_len: int) -> list[int]:
+    """Pending tokens at each expert call of a lazy decode: the prompt and every token up to the first deferred
+    position, then the tokens since the previous deferral."""
+    at = [s.position for s in steps if s.source == "expert"]
+    return [prompt_len + at[0]] + [b - a for a, b in zip(at, at[1:])] if at else []
 
 
 def _modes(pair, msgs, ids, rates) -> tuple[dict, dict | None]:
@@ -88,6 +102,7 @@ def _modes(pair, msgs, ids, rates) -> tuple[dict, dict | None]:
             tr.release()
             return {"wall_s": wall, "prefill_s": tr.prefill_seconds, "decode_s": tr.decode_seconds,
                     "tokens": len(tr.steps), "deferred": sum(s.source == "expert" for s in tr.steps),
+                    "catchups": catchups(tr.steps, len(tr.prompt_ids)),
                     "expert_calls": tr.expert_calls, "token_ids": tr.token_ids}
         return f
 
@@ -117,8 +132,13 @@ def _first_diff(a: list, b: list):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
-def _engine_table(runs: dict, n: int) -> dict:
-    """One engine's runs {mode: [run, ...]} -> step times, per-mode rows against the cost model."""
+def _engine_table(runs: dict, n: int, cc: dict | None = None) -> dict:
+    """One engine's runs {mode: [run, ...]} -> step times, per-mode rows against the cost model.
+
+    Two bounds per token.  The simple one, t_base + f * t_expert, holds where a catch-up of k tokens costs one
+    expert step (torch: memory-bound).  The catch-up one charges each expert call its measured cost instead:
+    (n * t_base + expert prefill + sum over the later calls of (a + b * k)) / n, the first call being the expert's
+    prompt prefill plus b per generated token it covers (a, b: the catch-up line of ``catchup_cost``)."""
     t_b = C.summary([r["step_s"] for r in runs["raw_base"]])
     t_e = C.summary([r["step_s"] for r in runs["raw_expert"]])
     t_b_pre = C.med([r["prefill_s"] for r in runs["raw_base"]])
@@ -137,6 +157,14 @@ def _engine_table(runs: dict, n: int) -> dict:
             per_tok = C.summary([(r["decode_s"] - r["prefill_s"]) / r["tokens"] for r in rs])
             bound = t_b["median"] + f * t_e["median"]
             with_pre = bound + (t_e_pre / n if D else 0.0)
+            if cc is not None and rs[0].get("catchups"):
+                ks = rs[0]["catchups"]
+                first_gen = ks[0] - (rs[0]["catchups_prompt"] if "catchups_prompt" in rs[0] else 0)
+                cost = (t_e_pre + cc["fit_b_s"] * max(0, first_gen)
+                        + sum(cc["fit_a_s"] + cc["fit_b_s"] * k for k in ks[1:]))
+                cb = t_b["median"] + cost / rs[0]["tokens"]
+                row.update({"catchup_bound_per_token_s": cb, "measured_over_catchup_bound": per_tok["median"] / cb,
+                            "mean_catchup_tokens": sum(ks[1:]) / max(1, len(ks) - 1)})
             row.update({"deferral_fraction": f, "deferred": D, "expert_calls": rs[0]["expert_calls"],
                         "deferred_same_every_rep": len({r["deferred"] for r in rs}) == 1,
                         "per_token_s": per_tok, "prefill_s": C.med([r["prefill_s"] for r in rs]),
@@ -188,12 +216,18 @@ def run(pairs: dict, quick: bool = False, n: int | None = None, reps: int | None
            "same_prompt_ids": len({tuple(v) for v in ids_of.values()}) == 1, "rates": list(rates), "engines": {}}
     for e in engines:
         per = {m: rs for (ee, m), rs in runs.items() if ee == e}
-        res = _engine_table(per, n)
-        res["pair"] = C.describe(pairs[e])
-        res["learned_head"] = heads[e]
+        cc = None
         if catchup:
             C.log(f"[decode] {e}: catch-up cost vs k")
-            res["catchup_cost"] = catchup_cost(pairs[e], ids_of[e])
+            cc = catchup_cost(pairs[e], ids_of[e])
+        for rs in per.values():
+            for r in rs:
+                r["catchups_prompt"] = len(ids_of[e])
+        res = _engine_table(per, n, cc)
+        res["pair"] = C.describe(pairs[e])
+        res["learned_head"] = heads[e]
+        if cc is not None:
+            res["catchup_cost"] = cc
         res["runs"] = {m: [{kk: vv for kk, vv in r.items() if kk != "token_ids"} for r in rs] for m, rs in per.items()}
         res["token_ids"] = {m: rs[0]["token_ids"] for m, rs in per.items()}
         out["engines"][e] = res
@@ -230,8 +264,8 @@ def markdown(res: dict) -> str:
     lines = [f"Decode speed: {res['n_tokens']} tokens (EOS ignored), prompt {res['prompt_tokens']} tokens, "
              f"{res['reps']} interleaved reps, medians.", "",
              "| engine | mode | f | tokens/s (min–max) | ms/token | bound ms/token | measured/bound | "
-             "+expert prefill | vs raw expert |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "+expert prefill | catch-up bound ms/token | measured/catch-up bound | vs raw expert |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e, r in res["engines"].items():
         for m, row in r["modes"].items():
             tps, bound = row["tokens_per_s"], row.get("bound_per_token_s")
@@ -239,13 +273,16 @@ def markdown(res: dict) -> str:
                      f"{tps['median']:.2f} ({tps['min']:.2f}–{tps['max']:.2f})", _ms(row["per_token_s"]["median"]),
                      _ms(bound) if bound else "-", f"{row['measured_over_bound']:.3f}" if bound else "-",
                      f"{row['measured_over_bound_plus_expert_prefill']:.3f}" if bound else "-",
+                     _ms(row["catchup_bound_per_token_s"]) if "catchup_bound_per_token_s" in row else "-",
+                     f"{row['measured_over_catchup_bound']:.3f}" if "catchup_bound_per_token_s" in row else "-",
                      f"{row['speedup_vs_raw_expert']:.2f}x"]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| engine | t_base_step ms | t_expert_step ms | base prefill s | expert prefill s | "
               "loop step / raw base step | catch-up k=1,2,4,8,16 (× k=1) |", "|---|---|---|---|---|---|---|"]
     for e, r in res["engines"].items():
         cc = r.get("catchup_cost")
-        cc_s = ", ".join(f"{v:.2f}" for v in cc["relative_to_k1"].values()) if cc else "-"
+        cc_s = (", ".join(f"{v:.2f}" for v in cc["relative_to_k1"].values())
+                + f" (keep {cc['keep']}; a {_ms(cc['fit_a_s'])} ms + b {_ms(cc['fit_b_s'])} ms/token)") if cc else "-"
         lines.append(f"| {e} | {_ms(r['t_base_step_s']['median'])} | {_ms(r['t_expert_step_s']['median'])} | "
                      f"{r['t_base_prefill_s']:.3f} | {r['t_expert_prefill_s']:.3f} | "
                      f"{r['loop_overhead']['base_only_step_over_raw_base_step']:.3f} | {cc_s} |")
