@@ -1,4 +1,4 @@
-"""GSM8K-format data: reading, the one shared instruction, answer extraction and the dev split."""
+"""GSM8K-format data: reading, the one shared instruction, answer extraction and the dev halves."""
 from __future__ import annotations
 
 import hashlib
@@ -103,3 +103,36 @@ def split(examples: list[Example], dev_size: int = 300, salt: str = "colm-dev-v1
     ranked = sorted(examples, key=key)
     dev_ids = {e.index for e in ranked[:dev_size]}
     return [e for e in examples if e.index not in dev_ids], [e for e in examples if e.index in dev_ids]
+
+
+# The protocol (issue 18): choose on dev half A, report on dev half B once.  Half A is ``split``'s dev (the 300
+# problems the shipped head's η was chosen on).  Half B must never have been trained on: the shipped head was trained
+# on the first 2,000 problems of the training side in file order, so B is drawn (by hash, under its own salt) from
+# the training side after those; everything else is the training pool.
+SHIPPED_HEAD_PROBLEMS = 2000
+
+
+def halves(examples: list[Example], size: int = 300, skip_first: int = SHIPPED_HEAD_PROBLEMS,
+           salt: str = "colm-dev-b-v1") -> tuple[list[Example], list[Example], list[Example]]:
+    """Deterministic (train, dev_a, dev_b): dev_a = ``split(examples, size)``'s dev; dev_b = the ``size`` problems of
+    the training side after its first ``skip_first`` whose hash under ``salt`` ranks lowest; train = the rest, in file
+    order (so ``train[:2000]`` is still what the shipped head saw)."""
+    train, dev_a = split(examples, size)
+    later = train[skip_first:]
+    if len(later) < size:
+        raise ColmError(f"dev half B needs {size} problems after the first {skip_first} training problems; "
+                        f"the data has {len(later)}")
+    key = lambda e: hashlib.sha256(f"{salt}:{e.question}".encode()).hexdigest()
+    b_ids = {e.index for e in sorted(later, key=key)[:size]}
+    return [e for e in train if e.index not in b_ids], dev_a, [e for e in train if e.index in b_ids]
+
+
+def select(examples: list[Example], which: str, size: int = 300) -> list[Example]:
+    """One part of the protocol by name: 'train', 'dev-a' (alias 'dev'), 'dev-b', or 'file' (every problem)."""
+    if which == "file":
+        return examples
+    train, dev_a, dev_b = halves(examples, size)
+    parts = {"train": train, "dev": dev_a, "dev-a": dev_a, "dev-b": dev_b}
+    if which not in parts:
+        raise ColmError(f"unknown split {which!r}: choose train, dev-a, dev-b or file")
+    return parts[which]

@@ -12,16 +12,16 @@ The rule, per generated position t (paper, Sec. 3):
 The expert is fed lazily: tokens it has not seen wait as *pending* and go through it in one forward pass only when
 a position is deferred, so expert forward passes == deferred tokens (its prompt prefill included in the first).
 
-Every answer ends by one rule, ``CoLLM.eos_ids``: the pair's end-of-turn and end-of-text tokens.  Base-only and
-expert-only baselines, training rollouts and Co-LLM all decode through this loop, so they all stop alike.
+Every answer ends by one rule: one of ``CoLLM.eos_ids`` (the pair's end-of-turn and end-of-text tokens), or, with
+``stop_at_answer`` (default), a completed '#### <number>' line (the shared instruction's final line).  Base-only
+and expert-only baselines, training rollouts and Co-LLM all decode through this loop, so they all stop alike.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Iterator, Sequence
 
 import torch
@@ -31,36 +31,9 @@ from .engines.llamacpp import ContextFull, SlotsExhausted
 from .head import DeferralHead
 from .models import ColmError
 from .policy import POLICIES, Policy  # noqa: F401  (re-exported: colm.decode.Policy is public API)
-from .prompts import Detok, check_max_new, clean_text, encode_prompt  # noqa: F401
+from .prompts import Detok, check_max_new, clean_text, encode_prompt, ends_answer_line  # noqa: F401
+from .state import DecodeState  # noqa: F401  (public as colm.decode.DecodeState too)
 from .trace import Step, Trace, TopK, topk_probs, topk_records  # noqa: F401
-
-
-# ----------------------------------------------------------------------------------------------- state
-@dataclass(eq=False)   # identity, not value: states are tracked in a WeakSet
-class DecodeState:
-    """What a decode leaves behind so it can be continued, re-decoded or branched.  Owned by one Trace at a time.
-    The base holds every token of ``seqs[b]`` (but the last when a decode ended at its length); the expert the
-    first ``expert_rows.lengths[b]``: the rest are pending."""
-    pair: Pair
-    seqs: list[list[int]]           # per row: prompt + generated token ids
-    prompt_lens: list[int]          # P_b
-    base_rows: object               # engine rows
-    expert_rows: object
-    h: torch.Tensor                 # [B, H] base final hidden state for the next position
-    logits: torch.Tensor            # [B, V] base logits for the next position
-    last_used: float = 0.0
-
-    def close(self) -> None:
-        if self.base_rows is not None:
-            self.pair.base.close(self.base_rows)
-            self.pair.expert.close(self.expert_rows)
-            self.base_rows = self.expert_rows = None
-
-    closed = property(lambda self: self.base_rows is None)
-
-    def __del__(self):   # a trace dropped without release() gives its rows back when it is collected
-        with contextlib.suppress(Exception):   # at interpreter exit the engines' modules may be torn down
-            self.close()
 
 
 # ----------------------------------------------------------------------------------------------- decoder
@@ -68,11 +41,12 @@ class CoLLM:
     """A base/expert pair plus a deferral head.  Every call returns its own Trace."""
 
     def __init__(self, pair: Pair, head: DeferralHead | None = None, top_k: int = 5, max_prompt_tokens: int = 4096,
-                 expert_view: str | None = None):
+                 expert_view: str | None = None, stop_at_answer: bool = True):
         """``expert_view``: "all" back-fills the expert's top-k at every position a catch-up covers; "deferred"
         reads the expert's logits at deferred positions only.  Default: "all" on torch, where the extra LM-head rows
         are nearly free, "deferred" on llama.cpp, where each costs about a tenth of an expert step."""
         self.pair, self.head, self.top_k, self.max_prompt_tokens = pair, head, top_k, max_prompt_tokens
+        self.stop_at_answer = stop_at_answer
         self.expert_view = expert_view or ("all" if pair.expert.cheap_logits else "deferred")
         if self.expert_view not in ("all", "deferred"):
             raise ColmError(f"expert_view must be 'all' or 'deferred', got {expert_view!r}")
@@ -221,9 +195,9 @@ class CoLLM:
                         tr.expert_calls += 1
                 tr.steps.append(Step(n, token_l[b], detoks[b].push(token_l[b]), "expert" if defer_l[b] else "base",
                                      float(p_l[b]), topk_records(tok, bi_l[b], bp_l[b]), last))
-                if token_l[b] in self.eos_ids:   # the one end-of-answer rule
-                    tr.stop_reason = "eos"
-                    active[b] = False
+                why = self.end_reason(tr.steps)
+                if why:
+                    tr.stop_reason, active[b] = why, False
             n += 1
             dt = time.perf_counter() - t0
             for tr in traces:
@@ -231,6 +205,14 @@ class CoLLM:
             yield
         for tr in traces:
             tr.stop_reason = tr.stop_reason or "length"
+
+    def end_reason(self, steps: list[Step]) -> str | None:
+        """The one end-of-answer rule: an end token ("eos"), or a completed '#### <number>' line ("answer")."""
+        if steps and steps[-1].token_id in self.eos_ids:
+            return "eos"
+        if self.stop_at_answer and steps and ends_answer_line([s.text for s in steps[-64:]]):
+            return "answer"
+        return None
 
     def _follow(self, tr: Trace, detok, policy: Policy, max_new_tokens: int, stop, key: int) -> Iterator[Trace]:
         """Decode one kept trace to its end, yielding it after every token.  An abandoned or failed decode frees
@@ -335,9 +317,9 @@ class CoLLM:
         tr.state, trace.state = st, None
         detok = Detok.resume(self.pair.tokenizer, tr.steps)
         tr.prefill_seconds = time.perf_counter() - t0
-        ended = t > 0 and tr.steps[-1].token_id in self.eos_ids
+        ended = self.end_reason(tr.steps)
         if t >= max_new_tokens or ended:
-            tr.stop_reason = "eos" if ended else "length"
+            tr.stop_reason = ended or "length"
             tr.decode_seconds = tr.prefill_seconds
             yield tr
             st.last_used = time.monotonic()

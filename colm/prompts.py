@@ -1,6 +1,8 @@
 """Prompts in, text out: chat templating with user text kept as text, and incremental detokenisation."""
 from __future__ import annotations
 
+import re
+
 from .models import ColmError
 
 
@@ -84,3 +86,25 @@ class Detok:
         d.read = emitted[-1] if emitted else 0
         d.prefix = emitted[-2] if len(emitted) > 1 else 0
         return d
+
+
+# The shared instruction (colm.data.INSTRUCTION) asks for a final line "#### <number>": once such a line is complete
+# the answer is over, whichever model wrote it.  Without this, a 512-token budget is spent on restating the result.
+ANSWER_LINE = re.compile(r"####[^\n]*\d")
+
+
+def ends_answer_line(texts: list[str]) -> bool:
+    """texts: the decoded pieces of an answer so far.  True when the newest piece completes (with a newline) a line
+    holding '#### <number>'.  Reads back only to the start of the lines the newest piece ends."""
+    newest = texts[-1] if texts else ""
+    ended = newest.count("\n")
+    if not ended:
+        return False
+    tail = [newest]
+    for t in reversed(texts[:-1]):   # back to the newline before the newest piece
+        tail.append(t)
+        if "\n" in t:
+            break
+    text = "".join(reversed(tail))
+    lines = text[:text.rindex("\n")].split("\n")
+    return any(ANSWER_LINE.search(line) for line in lines[-ended:])

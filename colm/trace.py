@@ -38,7 +38,7 @@ class Trace:
     steps: list[Step] = field(default_factory=list)
     expert_calls: int = 0
     decode_seconds: float = 0.0
-    stop_reason: str = ""                 # "eos" | "length" | "cancelled"
+    stop_reason: str = ""                 # "eos" | "answer" (a "#### n" line) | "length" | "cancelled"
     reused_steps: int = 0                 # steps kept from a previous trace by redecode()
     base_model: str = ""
     expert_model: str = ""

@@ -43,3 +43,40 @@ def test_dev_split_is_deterministic_and_disjoint():
     assert len(dev1) == 300 and not ({e.index for e in tr1} & {e.index for e in dev1})
     assert len(tr1) + len(dev1) == len(rows)
     assert all(e.answer is not None and "<<" not in e.solution for e in rows[:100])
+
+
+def _fake(n: int) -> list:
+    from colm.data import Example
+    return [Example(i, f"question {i}?", f"so #### {i}", str(i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("n, size, skip", [(1000, 100, 300), (700, 50, 0)])
+def test_the_two_dev_halves_are_disjoint_fixed_and_never_seen_by_the_shipped_head(n, size, skip):
+    from colm.data import halves
+    rows = _fake(n)
+    train, a, b = halves(rows, size, skip_first=skip)
+    ids = lambda xs: {e.index for e in xs}
+    assert len(a) == len(b) == size and len(train) + 2 * size == n
+    assert not (ids(a) & ids(b)) and not (ids(train) & (ids(a) | ids(b)))
+    old_train = split(rows, size)[0]
+    assert train[:skip] == old_train[:skip]                   # what the shipped head was trained on is unchanged
+    assert not (ids(b) & ids(old_train[:skip]))               # ... and half B holds none of it
+    assert a == split(rows, size)[1]                          # half A is the dev split η was chosen on
+    again = halves(rows, size, skip_first=skip)
+    assert (ids(again[1]), ids(again[2])) == (ids(a), ids(b))
+
+
+def test_half_b_refuses_data_too_small_for_it():
+    from colm.data import halves
+    from colm.models import ColmError
+    with pytest.raises(ColmError, match="half B needs 100"):
+        halves(_fake(450), 100, skip_first=300)
+
+
+@pytest.mark.parametrize("which, n", [("dev", 300), ("dev-a", 300), ("dev-b", 300), ("file", None)])
+@pytest.mark.skipif(not DEFAULT_DATA.exists(), reason="shared GSM8K data not present")
+def test_select_names_the_parts_of_the_protocol(which, n):
+    from colm.data import select
+    rows = read_jsonl(DEFAULT_DATA)
+    assert len(select(rows, which)) == (n or len(rows))
+    assert len(select(rows, "train")) == len(rows) - 600

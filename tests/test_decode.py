@@ -272,3 +272,49 @@ def test_redecode_never_returns_more_tokens_than_asked(pair, head):
     re = dec.redecode(first, eta, max_new_tokens=10)
     assert len(re.steps) == 10 and re.stop_reason in ("length", "eos")
     assert re.token_ids == dec.generate(PROMPTS[0], threshold=eta, max_new_tokens=10).token_ids
+
+
+# ----------------------------------------------------------------------------------------------- the answer line
+@pytest.mark.parametrize("pieces, ends", [
+    (["#### 3", "125", "\n"], True),                  # the line completes with the newline
+    (["#### 3125"], False),                           # not complete yet: "31250" may follow
+    (["The answer", " is 5.\n"], False),              # no '####'
+    (["####", " $1,250", ".\n\n", "Extra"], False),   # the newest piece ends no line
+    (["####", " $1,250", ".\n\n"], True),             # two lines end in one piece; the first holds the answer
+    (["x = 4\n", "#### 4\n"], True),
+    (["#### no number here\n"], False),
+    ([], False),
+])
+def test_the_answer_line_rule(pieces, ends):
+    from colm.prompts import ends_answer_line
+    assert ends_answer_line(pieces) is ends
+
+
+def test_a_completed_answer_line_ends_every_policy_alike(pair, tok):
+    """Bias the base towards '####', '7' and a newline in turn: the decode must stop right after the newline with
+    stop_reason 'answer' (and run on to the length with stop_at_answer=False)."""
+    from colm.decode import CoLLM, Policy
+    seq = tok.encode("#### 7\n")
+    dec = CoLLM(pair)
+    orig = pair.base.feed
+
+    def steer(rows, tokens, keep=1, hidden=False):
+        out = orig(rows, tokens, keep, hidden)
+        for b, lg in enumerate(out.logits):
+            if lg is not None:
+                n = rows.lengths[b] - steer.prompt_len        # tokens generated so far in this row
+                lg[-1, seq[n % len(seq)]] += 1e4
+        return out
+    ids = dec.encode("hi")
+    steer.prompt_len = len(ids)
+    pair.base.feed = steer
+    try:
+        tr = dec.generate("hi", policy=Policy("base"), max_new_tokens=3 * len(seq))
+        assert tr.stop_reason == "answer" and tr.token_ids == seq, (tr.stop_reason, tr.text)
+        tr.release()
+        dec.stop_at_answer = False
+        tr = dec.generate("hi", policy=Policy("base"), max_new_tokens=3 * len(seq))
+        assert tr.stop_reason == "length" and len(tr.token_ids) == 3 * len(seq)
+        tr.release()
+    finally:
+        pair.base.feed = orig
