@@ -116,12 +116,12 @@ def halves(examples: list[Example], size: int = 300, skip_first: int = SHIPPED_H
            salt: str = "colm-dev-b-v1") -> tuple[list[Example], list[Example], list[Example]]:
     """Deterministic (train, dev_a, dev_b): dev_a = ``split(examples, size)``'s dev; dev_b = the ``size`` problems of
     the training side after its first ``skip_first`` whose hash under ``salt`` ranks lowest; train = the rest, in file
-    order (so ``train[:2000]`` is still what the shipped head saw)."""
+    order (so ``train[:2000]`` is still what the shipped head saw).  In a file too small for that, B is drawn from
+    the last ``len(train side) - size`` problems onwards instead."""
     train, dev_a = split(examples, size)
-    later = train[skip_first:]
-    if len(later) < size:
-        raise ColmError(f"dev half B needs {size} problems after the first {skip_first} training problems; "
-                        f"the data has {len(later)}")
+    if len(train) < size:
+        raise ColmError(f"dev half B needs {size} problems besides half A; the data has {len(train)}")
+    later = train[min(skip_first, len(train) - size):]   # a small file: B starts earlier (no shipped head saw it)
     key = lambda e: hashlib.sha256(f"{salt}:{e.question}".encode()).hexdigest()
     b_ids = {e.index for e in sorted(later, key=key)[:size]}
     return [e for e in train if e.index not in b_ids], dev_a, [e for e in train if e.index in b_ids]

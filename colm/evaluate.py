@@ -4,6 +4,11 @@ Every decode, Co-LLM and baselines alike, is a resumable run file in ``--out``/r
 ``colm.runs.run_policy`` (one line per problem, a manifest beside it that a resume must match), so an evaluation can
 stop and resume (or be extended) without redoing work, and never resumes from a file another setting wrote.
 The random baseline runs with several seeds (0, 1, 2 by default) and is reported as their mean ± sd.
+
+The protocol (colm.data.halves): choose the head variant and η on dev half A (``--split dev-a``, the default),
+report once on dev half B (``--split dev-b --thresholds η``).  Every accuracy carries a 95 % Wilson interval and
+the count of answers that hit the token budget; Co-LLM against each baseline is a paired comparison on the same
+problems (``paired``: bootstrap interval of the difference and McNemar's exact test).
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from .data import Example
 from .decode import CoLLM, Policy
 from .models import ColmError
 from .runs import data_fingerprint, run_policy  # noqa: F401  (run_policy re-exported: colm.evaluate.run_policy)
+from .stats import paired as paired_comparison
+from .stats import wilson
 
 RANDOM_SEEDS = (0, 1, 2)
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -39,8 +46,12 @@ def summarize(records: dict[int, dict], pure: str | None = None) -> dict:
     if n == 0:
         return {"n": 0, "accuracy": float("nan"), "deferral": float("nan")}
     deferral = 1.0 if pure == "expert" else 0.0 if pure == "base" else sum(r["deferral"] for r in recs) / n
-    out = {"n": n, "accuracy": sum(r["correct"] for r in recs) / n, "deferral": deferral,
-           "mean_tokens": sum(len(r["ids"]) for r in recs) / n}
+    k = sum(bool(r["correct"]) for r in recs)
+    out = {"n": n, "accuracy": k / n, "accuracy_ci": wilson(k, n), "deferral": deferral,
+           "mean_tokens": sum(len(r["ids"]) for r in recs) / n,
+           # answers cut by the budget: their accuracy says more about max_new_tokens than about the policy
+           "capped": sum(r.get("stop_reason") == "length" for r in recs),
+           "capped_known": all("stop_reason" in r for r in recs)}
     if pure is None:
         out["expert_calls"] = sum(r["expert_calls"] for r in recs)
         batches = {(r["batch_seconds"], r["batch_tokens"]) for r in recs}
@@ -164,11 +175,15 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
     if thresholds is None:
         thresholds = quantile_thresholds(p, fractions)
 
+    chosen_runs: list[dict[int, dict]] = []     # the records of the last colm() call: the chosen point's
+
     def colm(thr: float, exs: list[Example]) -> dict:
         if thr >= 1.0:
             # p_defer ≤ 1 never exceeds η = 1: the base-only tokens (tested), so the base's decode stands in.
-            return {"threshold": thr, **summarize({e.index: base[e.index] for e in exs}, "base"), "expert_calls": 0}
-        return {"threshold": thr, **summarize(run(Policy("colm", threshold=thr), f"colm-{thr:.6f}", exs))}
+            chosen_runs[:] = [{e.index: base[e.index] for e in exs}]
+            return {"threshold": thr, **summarize(chosen_runs[0], "base"), "expert_calls": 0}
+        chosen_runs[:] = [run(Policy("colm", threshold=thr), f"colm-{thr:.6f}", exs)]
+        return {"threshold": thr, **summarize(chosen_runs[0])}
 
     results["colm"], results["random"] = [], []
     for thr in thresholds:
@@ -181,11 +196,14 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
     on_update(results)
     if baselines:
         f = round(results["chosen"]["deferral"] if baseline_rate is None else baseline_rate, 3)
+        random_runs = {}
         for rate in sorted({f, *(round(r, 3) for r in random_rates)}):
             per_seed = []
             for seed in random_seeds:
                 rnd = run(Policy("random", rate=rate, seed=seed), f"random-{rate:.3f}-seed{seed}", examples)
                 per_seed.append({"seed": seed, **summarize(rnd)})
+                if rate == f:
+                    random_runs[f"random_seed{seed}"] = rnd
             results["random"].append(random_spread(rate, per_seed))
             on_update(results)
         # The confidence policy's cut-off giving the same share of tokens along the base's answers.  The file (and its
@@ -196,13 +214,23 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
                    key={"name": "confidence", "deferral_share": f})
         results["confidence"] = [{"min_prob": min_prob, **summarize(conf)}]
         on_update(results)
+        results["paired"] = paired_table(chosen_runs[0], {"expert": expert, "base": base, "confidence": conf,
+                                                           **random_runs})
+        on_update(results)
     return results
+
+
+def paired_table(colm: dict[int, dict], others: dict[str, dict[int, dict]]) -> dict:
+    """Co-LLM against each other run on the problems both answered: ``colm.stats.paired`` (A = Co-LLM)."""
+    right = lambda recs: {i: bool(r["correct"]) for i, r in recs.items()}
+    return {f"colm_vs_{name}": paired_comparison(right(colm), right(recs)) for name, recs in others.items()}
 
 
 def add_arguments(p) -> None:
     p.add_argument("--data", default=None, help="GSM8K-format JSONL (default: ../shared/data/gsm8k/train.jsonl)")
-    p.add_argument("--split", default="dev", choices=["dev", "file"],
-                   help="dev: the dev split carved from --data (as in training); file: every problem in --data")
+    p.add_argument("--split", default="dev-a", choices=["dev-a", "dev-b", "dev", "file"],
+                   help="dev-a (alias dev): choose η and the head here; dev-b: report here, once, with --thresholds; "
+                        "file: every problem in --data (colm.data.halves)")
     p.add_argument("--dev-size", type=int, default=300)
     p.add_argument("--limit", type=int, default=200, help="evaluate on the first N problems of the split")
     p.add_argument("--sweep-limit", type=int, default=None, help="sweep thresholds on the first N (default: all)")
@@ -211,7 +239,8 @@ def add_arguments(p) -> None:
     p.add_argument("--head", default=None, help="deferral head (default: the shipped head)")
     p.add_argument("--out", required=True, help="output directory: results.json, curve.html, runs/")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=512,
+                   help="token budget per answer; answers also end at a completed '#### n' line")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--baseline-rate", type=float, default=None,
                    help="deferral frequency for the random and confidence baselines (default: the chosen point's)")
@@ -250,7 +279,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def main(args) -> int:
-    from .data import DEFAULT_DATA, read_jsonl, split
+    from .data import DEFAULT_DATA, read_jsonl, select
     from .loading import load_from_args
     # Checked before the models load (a minute), so a typo fails at once.
     for flag, value in (("--baseline-rate", args.baseline_rate), ("--max-deferral", args.max_deferral)):
@@ -262,7 +291,7 @@ def main(args) -> int:
     thresholds = _fractions(args.thresholds, "--thresholds") if args.thresholds else None   # η is a probability
     data = Path(args.data) if args.data else DEFAULT_DATA
     rows = read_jsonl(data)
-    examples = split(rows, args.dev_size)[1] if args.split == "dev" else rows
+    examples = select(rows, args.split, args.dev_size)
     examples = examples[:args.limit]
     pair, head = load_from_args(args, need_head=True)
     if not head.trained:
@@ -290,10 +319,17 @@ def main(args) -> int:
         if head_path is None:
             from .head import SHIPPED_HEAD
             head_path = SHIPPED_HEAD
+        if args.split == "dev-b":
+            raise ColmError("--write-threshold stores η chosen on dev half A (--split dev-a); half B is for reporting")
         head.meta["threshold"] = res["chosen"]["threshold"]
+        head.meta.setdefault("thresholds", {})[pair.engine] = res["chosen"]["threshold"]   # η per engine
+        head.meta["protocol"] = {"chosen_on": args.split, "dev_size": args.dev_size, "n_examples": len(examples),
+                                 "max_new_tokens": args.max_new_tokens, "max_deferral": args.max_deferral,
+                                 "stop": "eos or '#### n' line"}
         keep = ("n_examples", "max_new_tokens", "max_deferral", "base", "expert", "chosen", "colm", "random",
-                "confidence", "proxy")
+                "confidence", "proxy", "paired")
         head.meta.setdefault("metrics", {})["dev"] = {k: res[k] for k in keep if k in res}
         head.save(head_path)
-    print(json.dumps({k: res[k] for k in ("base", "expert", "chosen", "random", "confidence") if k in res}, indent=1))
+    print(json.dumps({k: res[k] for k in ("base", "expert", "chosen", "random", "confidence", "paired") if k in res},
+                     indent=1))
     return 0

@@ -64,6 +64,14 @@ class DeferralHead(torch.nn.Module):
     def threshold(self) -> float:
         return float(self.meta.get("threshold", 0.5))
 
+    def use_engine(self, engine: str) -> "DeferralHead":
+        """Take η calibrated on ``engine`` where the metadata has one (``thresholds``: engine -> η), since the
+        head must be calibrated on the engine it runs on; otherwise keep the single stored η."""
+        per = self.meta.get("thresholds") or {}
+        if engine in per:
+            self.meta["threshold"] = float(per[engine])
+        return self
+
     @property
     def trained(self) -> bool:
         return bool(self.meta.get("trained", False))
@@ -129,9 +137,10 @@ class DeferralHead(torch.nn.Module):
         head = cls(hidden, meta, confidence)
         head.load_state_dict({"linear.weight": w.float(), "linear.bias": tensors["linear.bias"].float()})
         head.requires_grad_(False)      # loaded for inference; joint_train switches gradients back on
-        thr = head.meta.get("threshold", 0.5)
-        if not isinstance(thr, (int, float)) or not math.isfinite(thr) or not 0.0 <= thr <= 1.0:
-            raise ColmError(f"{path}: stored threshold {thr!r} is not a number in [0, 1]")
+        per = head.meta.get("thresholds") or {}
+        for thr in (head.meta.get("threshold", 0.5), *(per.values() if isinstance(per, dict) else [None])):
+            if not isinstance(thr, (int, float)) or not math.isfinite(thr) or not 0.0 <= thr <= 1.0:
+                raise ColmError(f"{path}: stored threshold {thr!r} is not a number in [0, 1]")
         if base_model is not None:
             check_fits(head, base_model, base_id)
         head.meta.setdefault("name", path.name)
@@ -164,7 +173,7 @@ def load_head(pair, path: str | Path | None = None) -> DeferralHead:
     if path is None and SHIPPED_HEAD.exists() and pair.base_id == SHIPPED_BASE:
         path = SHIPPED_HEAD
     if path is not None:
-        return DeferralHead.load(path, pair.base, pair.base_id)
+        return DeferralHead.load(path, pair.base, pair.base_id).use_engine(pair.engine)
     warnings.warn("no trained deferral head for this base model; p_defer is 0.5 everywhere, so the colm policy "
                   "never defers. Train one with `python -m colm train`.", UntrainedHeadWarning, stacklevel=2)
     return untrained_head(pair.base, pair.base_id)

@@ -134,8 +134,9 @@ def run_manifest(dec, policy: Policy, max_new_tokens: int, data: dict, key: dict
     models = ({"base": pair.base_id} if policy.name == "base" else {"expert": pair.expert_id}
               if policy.name == "expert" else {"base": pair.base_id, "expert": pair.expert_id})
     match = {"policy": key or policy_key(policy), "models": models, "engine": pair.engine,
-             "max_new_tokens": max_new_tokens, "data": data, "prompt": {"chat": True, "instruction": INSTRUCTION},
-             "stop": "eos or '#### n' line" if getattr(dec, "stop_at_answer", False) else "eos"}
+             "max_new_tokens": max_new_tokens, "data": data, "prompt": {"chat": True, "instruction": INSTRUCTION}}
+    if getattr(dec, "stop_at_answer", False):   # absent: the end-token rule alone, as every run before it
+        match["stop"] = "eos or '#### n' line"
     model = getattr(pair.base, "model", None)
     info = {"colm_version": colm_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "policy": policy.describe(), "data_file": data_file, "eos_ids": list(dec.eos_ids),

@@ -66,11 +66,13 @@ def test_the_two_dev_halves_are_disjoint_fixed_and_never_seen_by_the_shipped_hea
     assert (ids(again[1]), ids(again[2])) == (ids(a), ids(b))
 
 
-def test_half_b_refuses_data_too_small_for_it():
+def test_half_b_in_a_small_file_and_a_file_too_small_for_it():
     from colm.data import halves
     from colm.models import ColmError
+    train, a, b = halves(_fake(450), 100, skip_first=300)     # 350 on the training side: B from the last 250 on
+    assert len(b) == 100 and min(e.index for e in b) >= split(_fake(450), 100)[0][250].index
     with pytest.raises(ColmError, match="half B needs 100"):
-        halves(_fake(450), 100, skip_first=300)
+        halves(_fake(150), 100)
 
 
 @pytest.mark.parametrize("which, n", [("dev", 300), ("dev-a", 300), ("dev-b", 300), ("file", None)])

@@ -48,7 +48,15 @@ def test_evaluate_end_to_end_on_tiny_pair(pair_dirs, tmp_path, capsys):
     assert (out / "curve.html").stat().st_size > 10_000
     stored = DeferralHead.load(tmp_path / "h.safetensors")
     assert stored.threshold == res["chosen"]["threshold"] and stored.meta["metrics"]["dev"]["chosen"]
-    assert {"confidence", "proxy", "random"} <= set(stored.meta["metrics"]["dev"])
+    assert {"confidence", "proxy", "random", "paired"} <= set(stored.meta["metrics"]["dev"])
+    assert stored.meta["thresholds"] == {"torch": res["chosen"]["threshold"]} and stored.meta["protocol"]["chosen_on"]
+    # Intervals and budget counts on every point; Co-LLM paired with each baseline on the same problems.
+    for point in (res["base"], res["expert"], res["chosen"], *res["random"][0]["per_seed"]):
+        lo, hi = point["accuracy_ci"]
+        assert 0 <= lo <= point["accuracy"] <= hi <= 1 and 0 <= point["capped"] <= point["n"] and point["capped_known"]
+    assert {"colm_vs_expert", "colm_vs_base", "colm_vs_confidence", "colm_vs_random_seed0"} <= set(res["paired"])
+    cmp = res["paired"]["colm_vs_expert"]
+    assert cmp["n"] == 4 and cmp["accuracy_a"] == res["chosen"]["accuracy"] and cmp["accuracy_b"] == res["expert"]["accuracy"]
     # Re-running reuses every decode (resumable JSONL runs): same results, no new lines.
     lines = {p.name: p.read_text() for p in (out / "runs").iterdir()}
     assert main(["evaluate", "--data", str(data), "--split", "file", "--limit", "4", "--head", str(tmp_path / "h.safetensors"),
@@ -307,8 +315,9 @@ def test_rollouts_cli_refuses_other_settings_and_restarts(pair_dirs, tmp_path, c
 
 
 def test_committed_runs_carry_manifests_that_name_their_settings():
-    """Every run file committed under data/ has a manifest; the rollouts (which `colm rollouts --engine torch` extends)
-    match what this version writes for the default pair on the default data."""
+    """Every run file committed under data/ has a manifest; the rollouts match what this version writes for the
+    default pair on the default data under the rule they were made with (end tokens only: ``stop_at_answer=False``;
+    with today's default rule a resume is refused, see test_a_run_made_under_another_end_rule_is_not_resumed)."""
     from types import SimpleNamespace
     from colm.data import DEFAULT_DATA, read_jsonl
     from colm.runs import data_fingerprint, differences, manifest_path, run_manifest
@@ -328,9 +337,19 @@ def test_committed_runs_carry_manifests_that_name_their_settings():
     head = DeferralHead.load(SHIPPED_HEAD)
     pair = SimpleNamespace(base_id="Qwen2.5-Coder-0.5B-Instruct", expert_id="Qwen2.5-Coder-1.5B-Instruct",
                            engine="torch", base=None, describe=lambda: {})
-    dec = SimpleNamespace(pair=pair, head=head, eos_ids=[151643, 151645])
+    dec = SimpleNamespace(pair=pair, head=head, eos_ids=[151643, 151645], stop_at_answer=False)   # made so
     data = data_fingerprint(read_jsonl(DEFAULT_DATA))
     for name, policy in (("expert-train", Policy("expert")), ("base-train", Policy("base")),
                          ("colm-train", Policy("colm", threshold=head.threshold))):
         man = json.loads(manifest_path(root / "rollouts" / f"{name}.jsonl").read_text())
         assert differences(man, run_manifest(dec, policy, 256, data)) == [], name
+
+
+def test_a_run_made_under_another_end_rule_is_not_resumed(pair, tmp_path):
+    """Answers that end at a '#### n' line are not the answers of an end-token-only run: a resume must refuse."""
+    from colm.decode import CoLLM
+    from colm.runs import differences, run_manifest
+    old, new = CoLLM(pair, stop_at_answer=False), CoLLM(pair)
+    data = {"questions_sha256": "x", "n": 1}
+    diff = differences(run_manifest(old, Policy("base"), 8, data), run_manifest(new, Policy("base"), 8, data))
+    assert len(diff) == 1 and diff[0].startswith("stop"), diff

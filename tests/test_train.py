@@ -295,7 +295,7 @@ def test_train_cli_on_rollouts_with_gold(pair_dirs, tmp_path, model):
     from colm.cli import main
     from colm.head import DeferralHead
     from colm.rollouts import read_done
-    data = gsm_file(tmp_path / "gsm.jsonl", 14)
+    data = gsm_file(tmp_path / "gsm.jsonl", 18)     # two dev halves of 4, 10 to train on
     models = ["--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"), "--dtype", "fp32"]
     roll = tmp_path / f"{model}-train.jsonl"
     # An untrained head says p_defer = 0.5 everywhere: threshold 0.4 defers every token, so Co-LLM writes the
@@ -325,11 +325,11 @@ def test_train_cli_on_rollouts_with_gold(pair_dirs, tmp_path, model):
         assert all(r["deferral"] == 1.0 and r["threshold"] == 0.4 for r in recs.values())
         return
     # --start shares a run between processes: the second one answers the problems after the first one's.
-    from colm.data import read_jsonl, split
+    from colm.data import halves, read_jsonl
     more = tmp_path / "base-train-from6.jsonl"
     assert main(["rollouts", "--model", "base", "--data", str(data), "--dev-size", "4", "--start", "6", "--limit", "3",
                  "--max-new-tokens", "2", "--out", str(more), *models]) == 0
-    assert sorted(read_done(more)) == sorted(e.index for e in split(read_jsonl(data), 4)[0][6:9])
+    assert sorted(read_done(more)) == sorted(e.index for e in halves(read_jsonl(data), 4)[0][6:9])
 
 
 @pytest.mark.parametrize("models", [("base", None), (None, None), ("base", "expert"), ("gpt", "gpt")],
@@ -344,3 +344,21 @@ def test_train_cli_refuses_rollouts_without_one_named_model(pair_dirs, tmp_path,
                  "--out", str(tmp_path / "h.safetensors"), "--base", str(pair_dirs / "base"),
                  "--expert", str(pair_dirs / "expert"), "--dtype", "fp32"]) == 2
     assert "one model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine, want", [("llamacpp", 0.3), ("torch", 0.2), ("other", 0.1)])
+def test_a_head_takes_the_threshold_calibrated_on_its_engine(tmp_path, engine, want):
+    from types import SimpleNamespace
+    from colm.head import DeferralHead, load_head
+    DeferralHead(8, {"trained": True, "threshold": 0.1, "thresholds": {"llamacpp": 0.3, "torch": 0.2}}).save(
+        tmp_path / "h.safetensors")
+    pair = SimpleNamespace(engine=engine, base=None, base_id="tiny")
+    assert load_head(pair, tmp_path / "h.safetensors").threshold == want
+
+
+def test_a_head_with_a_bad_per_engine_threshold_is_refused(tmp_path):
+    from colm.head import DeferralHead
+    from colm.models import ColmError
+    DeferralHead(8, {"trained": True, "thresholds": {"llamacpp": 1.5}}).save(tmp_path / "h.safetensors")
+    with pytest.raises(ColmError, match="1.5 is not a number in"):
+        DeferralHead.load(tmp_path / "h.safetensors")

@@ -27,7 +27,8 @@ def add_arguments(p) -> None:
     p.add_argument("--with-gold", action="store_true",
                    help="--objective disagreement: also label the gold solutions (as gold-disagreement does)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many training problems")
-    p.add_argument("--dev-size", type=int, default=300, help="problems carved from the data as the dev split (never trained on)")
+    p.add_argument("--dev-size", type=int, default=300,
+                   help="problems in each dev half carved from the data (never trained on; colm.data.halves)")
     p.add_argument("--features", default="runs/features",
                    help="feature cache root: gold solutions in DIR/gold, each rollouts file in DIR/rollouts-<name>")
     p.add_argument("--batch-size", type=int, default=8)
@@ -47,12 +48,12 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     """The ``colm train`` command: features for the gold solutions and/or rollouts, the fit, optional joint training;
     writes the head to ``args.out`` and prints its metrics as JSON."""
-    from ..data import DEFAULT_DATA, read_jsonl, split
+    from ..data import DEFAULT_DATA, halves, read_jsonl
     from ..decode import CoLLM
     from ..loading import load_from_args
     from ..rollouts import read_done
     data_path = Path(args.data) if args.data else DEFAULT_DATA
-    train_ex, _dev = split(read_jsonl(data_path), args.dev_size)
+    train_ex = halves(read_jsonl(data_path), args.dev_size)[0]   # neither dev half
     if args.limit:
         train_ex = train_ex[:args.limit]
     pair, _ = load_from_args(args, need_head=False)
