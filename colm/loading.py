@@ -23,6 +23,28 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="bf16, fp32 or auto (bf16 where the CPU has it)")
+    add_expert_server_arguments(p)
+
+
+def add_expert_server_arguments(p: argparse.ArgumentParser) -> None:
+    """--expert-url and its companions: the expert on a server (colm.engines.remote) instead of --expert."""
+    import os
+    p.add_argument("--expert-url", default=None,
+                   help="the expert on a server, e.g. http://127.0.0.1:8080 (then --expert is not loaded)")
+    p.add_argument("--expert-api", default="llama-server", choices=["llama-server", "vllm", "sglang"],
+                   help="what serves --expert-url (default llama-server)")
+    p.add_argument("--expert-api-key", default=os.environ.get("COLM_EXPERT_API_KEY"),
+                   help="sent as a bearer token (default: $COLM_EXPERT_API_KEY)")
+    p.add_argument("--expert-timeout", type=float, default=60.0,
+                   help="seconds to wait for one expert answer before retrying (default 60)")
+
+
+def expert_server_kwargs(args) -> dict:
+    """The load_pair keywords for an expert server named on the command line (none without --expert-url)."""
+    if not getattr(args, "expert_url", None):
+        return {}
+    return {"expert_url": args.expert_url, "expert_api": args.expert_api, "expert_api_key": args.expert_api_key,
+            "expert_timeout": args.expert_timeout}
 
 
 def load_from_args(args, need_head: bool = True, **engine_kwargs):
@@ -37,7 +59,8 @@ def load_from_args(args, need_head: bool = True, **engine_kwargs):
         # (prompts here are GSM8K problems, well under 1,024 tokens)
         engine_kwargs.update(n_seq=max(8, batch), n_ctx=max(8192, batch * (max_new + 1024)))
     pair = load_pair(args.base, args.expert, engine=args.engine, dtype=args.dtype, device=args.device,
-                     threads=args.threads, progress=lambda m: print(m, file=sys.stderr), **engine_kwargs)
+                     threads=args.threads, progress=lambda m: print(m, file=sys.stderr),
+                     **expert_server_kwargs(args), **engine_kwargs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UntrainedHeadWarning)
         head = load_head(pair, getattr(args, "head", None))

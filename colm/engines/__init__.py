@@ -30,10 +30,30 @@ from ..models import ColmError
 ENGINES = ("auto", "torch", "llamacpp")
 
 
+class Interrupted(ColmError):
+    """An engine abandoned a call in flight because the decode was stopped (see ``watch``); nothing was fed."""
+
+
 @dataclass
 class Out:
     logits: list            # per row: [keep_b, V] fp32 tensor, or None for a row that was not fed
     hidden: torch.Tensor | None   # [B, H] fp32 at each fed row's last position (rows not fed: zeros)
+    topk: list | None = None      # per row: (probs [keep_b, k], ids [keep_b, k]) from an engine that returns only
+                                  # a top-k (a remote server), or None
+
+    def top(self, b: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row b's top-k (probs [keep_b, k], ids [keep_b, k]), best first, from whichever the engine returned."""
+        if self.topk is not None and self.topk[b] is not None:
+            probs, ids = self.topk[b]
+            return probs[:, :k], ids[:, :k]
+        return topk_probs(self.logits[b], k)
+
+
+def topk_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [..., V] -> (probs [..., k], ids [..., k]) without materialising a full softmax."""
+    logits = logits.float()
+    vals, ids = logits.topk(k, dim=-1)
+    return (vals - logits.logsumexp(-1, keepdim=True)).exp(), ids
 
 
 class Rows(Protocol):
@@ -139,37 +159,56 @@ class Pair:
 
 def load_pair(base: str = "default", expert: str = "default", engine: str = "auto", dtype: str | None = "auto",
               device: str | None = "auto", threads: int | None = None, trust_remote_code: bool = False,
-              progress=None, **engine_kwargs) -> Pair:
+              progress=None, expert_url: str | None = None, expert_api: str = "llama-server",
+              expert_api_key: str | None = None, expert_timeout: float = 60.0, **engine_kwargs) -> Pair:
     """Load base, expert and their shared tokenizer on the chosen engine; refuse pairs whose tokenizers differ.
 
     ``engine``: 'auto' (llama.cpp on a CPU when installed, torch on a GPU), 'torch' or 'llamacpp'.
     ``threads``: CPU threads (default: every core).  ``engine_kwargs`` go to the llama.cpp engine (n_ctx, n_seq).
+    ``expert_url``: the expert is a server (``expert_api``: llama-server, vllm or sglang; colm.engines.remote) and
+    ``expert`` is not loaded; the server must share the base's vocabulary (checked on connect).
     """
     from .. import cache, models
-    kind = resolve(engine, device, (base, expert))
+    kind = resolve(engine, device, (base,) if expert_url else (base, expert))
     threads = threads or default_threads()
     ident = lambda src, role: ((cache.DEFAULT_BASE if role == "base" else cache.DEFAULT_EXPERT).name
                                if src == "default" else src)
+
+    def remote(tok):
+        from .remote import RemoteEngine
+        if progress:
+            progress(f"connecting to the expert server ({expert_api} at {expert_url})")
+        e = RemoteEngine(expert_url, expert_api, tok, len(tok), api_key=expert_api_key, timeout=expert_timeout)
+        return e, e.model or e.describe()
+
     if kind == "torch":
         from .torch_engine import TorchEngine
         torch.set_num_threads(threads)
         base_tok = models.load_tokenizer(base, progress, trust_remote_code)
-        expert_tok = base_tok if expert == base else models.load_tokenizer(expert, progress, trust_remote_code)
         b = models.load_model(base, "base", dtype, device, trust_remote_code, progress)
+        n_vocab = len(base_tok)
+        if expert_url:
+            e, e_id = remote(base_tok)
+            return Pair(TorchEngine(b, n_vocab, threads), e, base_tok, ident(base, "base"), e_id)
+        expert_tok = base_tok if expert == base else models.load_tokenizer(expert, progress, trust_remote_code)
         e = models.load_model(expert, "expert", dtype, device, trust_remote_code, progress)
         models.check_compatible(b, e, base_tok, expert_tok)
-        n_vocab = len(base_tok)
         return Pair(TorchEngine(b, n_vocab, threads), TorchEngine(e, n_vocab, threads), base_tok,
                     ident(base, "base"), ident(expert, "expert"))
     from .llamacpp import LlamaCppEngine, gguf_path
     # Beside llama.cpp, torch only does per-token vector math (top-k, the head: < 1 ms on one thread).  Its own
     # thread pool would spin against llama.cpp's for the same cores: 0.7 ms became 36-48 ms on 2 busy cores.
     torch.set_num_threads(1)
-    paths = gguf_path(base, "base", progress), gguf_path(expert, "expert", progress)   # refuse non-GGUF at once
+    base_path = gguf_path(base, "base", progress)     # refuse non-GGUF at once
+    expert_path = None if expert_url else gguf_path(expert, "expert", progress)
     tok = models.load_tokenizer(base, progress, trust_remote_code)
+    n_vocab = len(tok)
+    if expert_url:
+        e, e_id = remote(tok)      # connect (and check the vocabulary) before the base takes a minute to load
+        return Pair(LlamaCppEngine(base_path, n_vocab, threads, role="base", **engine_kwargs), e, tok,
+                    ident(base, "base"), e_id)
     expert_tok = tok if expert == base else models.load_tokenizer(expert, progress, trust_remote_code)
     models.check_same_vocab(tok, expert_tok)     # each engine checks its model's rows against the tokenizer
-    n_vocab = len(tok)
-    b = LlamaCppEngine(paths[0], n_vocab, threads, role="base", **engine_kwargs)
-    e = LlamaCppEngine(paths[1], n_vocab, threads, role="expert", **engine_kwargs)
+    b = LlamaCppEngine(base_path, n_vocab, threads, role="base", **engine_kwargs)
+    e = LlamaCppEngine(expert_path, n_vocab, threads, role="expert", **engine_kwargs)
     return Pair(b, e, tok, ident(base, "base"), ident(expert, "expert"))

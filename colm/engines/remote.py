@@ -1,0 +1,320 @@
+"""An expert behind HTTP — llama.cpp's ``llama-server``, vLLM or SGLang — asked by token ids, at deferred positions.
+
+The base stays local (the head reads its hidden state); the expert is only asked for its next-token distribution
+when a position is deferred.  A row is the token list this client has sent for one answer; every request sends the
+whole list and the server's prefix cache does the catching-up (it evaluates only the suffix it has not cached), so
+``crop`` is local and a server restart costs recomputation, never correctness.
+
+Stock servers, pinned to the expert's greedy choice and its unmodified distribution:
+    llama-server  POST /completion   prompt=[ids], n_predict=1, n_probs=k, temperature=-1 (greedy; probabilities are
+                                     a plain softmax of the logits, no sampler applied), cache_prompt, return_tokens
+    vLLM          POST /v1/completions  prompt=[ids], max_tokens=1, temperature=0, logprobs=k,
+                                     return_tokens_as_token_ids; prompt_logprobs=k for earlier positions
+    SGLang        POST /generate     input_ids, max_new_tokens=1, temperature=0, return_logprob, top_logprobs_num=k,
+                                     logprob_start_len for earlier positions
+Text-only APIs (TGI's, hosted chat APIs) cannot hand over exact tokens and are refused.  The vocabulary is checked
+on connect: probe strings (special tokens included) must tokenize to the same ids on both sides.
+
+Faults: a token request is idempotent, so it is retried with backoff (``retries``) and then fails with a
+``RemoteExpertError`` naming the server; ``interrupt`` (the page's Stop) abandons a request in flight.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ColmError
+from . import Interrupted, Out, check_crop
+
+APIS = ("llama-server", "vllm", "sglang")
+TEXT_ONLY = ("tgi", "openai", "chat")
+PROBES = ("What is a^3 * a^2 if a = 5?  12,345.50\n\n\tdef f(x):\n    return x**2",
+          "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "日本語 🙂 naïve — “quotes”")
+
+
+class RemoteExpertError(ColmError):
+    """The expert server could not be reached, refused the request, or answered something unusable."""
+
+
+@dataclass
+class RemoteRows:
+    seqs: list[list[int]] = field(default_factory=list)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(s) for s in self.seqs]
+
+
+# ----------------------------------------------------------------------------------------------- adapters
+# Each adapter turns (ids, keep, k) into one request body and a reply into keep rows of (ids, logprobs), top first:
+# the last row is the distribution after the whole sequence, earlier rows those at the keep-1 positions before.
+def _llama_request(ids: list[int], keep: int, k: int) -> tuple[str, dict]:
+    if keep > 1:
+        raise RemoteExpertError("llama-server returns no log-probabilities for prompt positions: the expert's view "
+                                "covers deferred tokens only (expert_view='deferred')")
+    return "/completion", {"prompt": ids, "n_predict": 1, "n_probs": k, "temperature": -1.0, "samplers": [],
+                           "post_sampling_probs": False, "cache_prompt": True, "return_tokens": True,
+                           "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                           "dry_multiplier": 0.0, "stream": False}
+
+
+def _llama_reply(js: dict, keep: int) -> list[tuple[list[int], list[float]]]:
+    top = js["completion_probabilities"][0]["top_logprobs"]
+    ids, lps = [int(t["id"]) for t in top], [float(t["logprob"]) for t in top]
+    if js.get("tokens") and int(js["tokens"][0]) != ids[0]:
+        raise RemoteExpertError(f"llama-server's greedy token {js['tokens'][0]} is not its own top-1 {ids[0]}: "
+                                "a sampler is still applied on the server")
+    return [(ids, lps)]
+
+
+def _vllm_request(ids: list[int], keep: int, k: int, model: str = "") -> tuple[str, dict]:
+    body = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "top_p": 1.0, "top_k": -1,
+            "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "logprobs": k,
+            "return_tokens_as_token_ids": True, "skip_special_tokens": False}
+    if keep > 1:
+        body["prompt_logprobs"] = k
+    return "/v1/completions", body
+
+
+def _vllm_id(key: str) -> int:
+    return int(str(key).split("token_id:")[-1])
+
+
+def _vllm_reply(js: dict, keep: int) -> list[tuple[list[int], list[float]]]:
+    ch = js["choices"][0]
+    rows = []
+    if keep > 1:
+        for entry in ch["prompt_logprobs"][-(keep - 1):]:
+            # {token_id: {"logprob": .., "rank": ..}}: the prompt token itself plus the top k; rank orders them
+            items = sorted(((int(t), v["logprob"], v.get("rank") or 1) for t, v in entry.items()),
+                           key=lambda x: (-x[1], x[2]))
+            rows.append(([i for i, _, _ in items], [float(lp) for _, lp, _ in items]))
+    top = ch["logprobs"]["top_logprobs"][0]
+    items = sorted(((_vllm_id(t), lp) for t, lp in top.items()), key=lambda x: -x[1])
+    rows.append(([i for i, _ in items], [float(lp) for _, lp in items]))
+    return rows
+
+
+def _sglang_request(ids: list[int], keep: int, k: int) -> tuple[str, dict]:
+    return "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0,
+                                                                "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0},
+                         "return_logprob": True, "top_logprobs_num": k,
+                         "logprob_start_len": len(ids) - (keep - 1) if keep > 1 else -1}
+
+
+def _sglang_reply(js: dict, keep: int) -> list[tuple[list[int], list[float]]]:
+    meta = (js[0] if isinstance(js, list) else js)["meta_info"]
+    rows = []
+    if keep > 1:
+        # input_top_logprobs[0] belongs to the first prompt token asked for (no context before it): skip it
+        for entry in meta["input_top_logprobs"][-(keep - 1):]:
+            rows.append(([int(t[1]) for t in entry], [float(t[0]) for t in entry]))
+    out = meta["output_top_logprobs"][0]
+    rows.append(([int(t[1]) for t in out], [float(t[0]) for t in out]))
+    return rows
+
+
+ADAPTERS = {"llama-server": (_llama_request, _llama_reply, False),
+            "vllm": (_vllm_request, _vllm_reply, True),
+            "sglang": (_sglang_request, _sglang_reply, True)}
+
+
+# ----------------------------------------------------------------------------------------------- engine
+class RemoteEngine:
+    """The expert on a server.  Rows are client-side token lists; ``feed`` asks for the next-token top-k after
+    each fed row (rows in parallel, one request each) and returns it as ``Out.topk``, not full logits."""
+    name = "remote"
+    shared_cache = False
+    hidden_size = 0
+
+    def __init__(self, url: str, api: str, tokenizer, n_vocab: int, api_key: str | None = None,
+                 timeout: float = 60.0, retries: int = 3, top_k: int = 5, n_ctx: int = 32768, concurrency: int = 8,
+                 client=None, check_vocab: bool = True):
+        import httpx
+        api = (api or "").lower()
+        if api in TEXT_ONLY or api not in APIS:
+            raise ColmError(f"--expert-api {api!r}: colm needs a server that takes token ids and returns the "
+                            f"expert's top-k by token id ({', '.join(APIS)}); text-only APIs re-tokenize, so the "
+                            "expert's tokens could not be handed over exactly")
+        if not url.startswith(("http://", "https://")):
+            raise ColmError(f"--expert-url must start with http:// or https:// (got {url!r})")
+        self.url, self.api, self.top_k, self.n_vocab, self.n_ctx = url.rstrip("/"), api, top_k, n_vocab, n_ctx
+        self.retries, self.timeout = retries, timeout
+        self._request, self._reply, self.cheap_logits = ADAPTERS[api]
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = client or httpx.Client(base_url=self.url, headers=headers,
+                                           timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)))
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="colm-expert")
+        self._cancel = threading.Event()
+        self._stop: threading.Event | None = None
+        self.model = ""
+        self.requests = 0
+        if api == "vllm":
+            self.model = self._get("/v1/models")["data"][0]["id"]
+        if check_vocab:
+            self.check_vocabulary(tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def describe(self) -> str:
+        return f"{self.api} at {self.url}"
+
+    # -- http -----------------------------------------------------------------------------------------------
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One idempotent request with bounded retries (backoff 0.5, 1, 2 s ...); the last failure is raised."""
+        import httpx
+        why = ""
+        for attempt in range(self.retries + 1):
+            if self._stopped():
+                raise Interrupted("stopped while waiting for the expert server")
+            try:
+                r = self.http.request(method, path, json=body)
+                if r.status_code in (401, 403):
+                    raise RemoteExpertError(f"the expert server at {self.url} refused the request "
+                                            f"({r.status_code}): check --expert-api-key")
+                if r.status_code == 404:
+                    raise RemoteExpertError(f"the expert server at {self.url} has no {path} (404): is it a "
+                                            f"{self.api} server? (--expert-api)")
+                if r.status_code >= 400:
+                    raise httpx.HTTPStatusError(f"HTTP {r.status_code}: {r.text[:200]}", request=r.request,
+                                                response=r)
+                return r.json()
+            except RemoteExpertError:
+                raise
+            except (httpx.HTTPError, ValueError) as e:   # down, slow, reset, 5xx, a reply that is not JSON
+                why = f"{type(e).__name__}: {e}"
+                if attempt < self.retries:
+                    t_end = time.monotonic() + 0.5 * 2 ** attempt
+                    while time.monotonic() < t_end:
+                        if self._stopped():
+                            raise Interrupted("stopped while waiting for the expert server") from None
+                        time.sleep(0.05)
+        raise RemoteExpertError(f"the expert server at {self.url} did not answer after {self.retries + 1} "
+                                f"tries ({why})")
+
+    def _get(self, path: str) -> dict:
+        return self._call("GET", path)
+
+    def interrupt(self) -> None:
+        """Abandon requests in flight now; the next ``feed`` clears it."""
+        self._cancel.set()
+
+    def watch(self, stop: threading.Event | None) -> None:
+        """The decode's Stop event: once set, a request in flight is abandoned (``Interrupted``)."""
+        self._stop = stop
+
+    def _stopped(self) -> bool:
+        return self._cancel.is_set() or (self._stop is not None and self._stop.is_set())
+
+    # -- vocabulary -----------------------------------------------------------------------------------------
+    def check_vocabulary(self, tokenizer) -> None:
+        """Refuse a server whose tokenizer splits the probe strings into other ids than ours."""
+        if self.api == "sglang":        # no tokenize endpoint: ask for the text of known ids instead
+            return self._check_by_text(tokenizer)
+        for text in PROBES:
+            mine = tokenizer.encode(text, add_special_tokens=False)
+            if self.api == "llama-server":
+                theirs = self._call("POST", "/tokenize", {"content": text, "parse_special": True})["tokens"]
+            else:
+                theirs = self._call("POST", "/tokenize", {"model": self.model, "prompt": text,
+                                                          "add_special_tokens": False})["tokens"]
+            theirs = [t["id"] if isinstance(t, dict) else int(t) for t in theirs]
+            if theirs != mine:
+                raise RemoteExpertError(f"the expert server at {self.url} tokenizes {text[:30]!r}… into other ids "
+                                        f"than the base's tokenizer ({theirs[:8]} vs {mine[:8]}): not the same "
+                                        "vocabulary, so its tokens cannot be handed over")
+
+    def _check_by_text(self, tokenizer) -> None:
+        ids = tokenizer.encode(PROBES[0] + PROBES[1], add_special_tokens=False)
+        path, body = _sglang_request(ids, 1, self.top_k)
+        body["return_text_in_logprobs"] = True
+        js = self._call("POST", path, body)
+        for entry in (js[0] if isinstance(js, list) else js)["meta_info"]["output_top_logprobs"][0]:
+            if len(entry) > 2 and entry[2] is not None and tokenizer.decode([int(entry[1])]) != entry[2]:
+                raise RemoteExpertError(f"the expert server at {self.url} names token {entry[1]} {entry[2]!r}, the "
+                                        f"base's tokenizer {tokenizer.decode([int(entry[1])])!r}: not the same "
+                                        "vocabulary")
+
+    # -- rows -----------------------------------------------------------------------------------------------
+    def open(self, n: int) -> RemoteRows:
+        return RemoteRows([[] for _ in range(n)])
+
+    def close(self, rows: RemoteRows) -> None:
+        rows.seqs = []
+
+    def crop(self, rows: RemoteRows, lengths) -> None:
+        check_crop(rows, lengths)
+        for b, n in enumerate(lengths):
+            del rows.seqs[b][n:]
+
+    # -- compute --------------------------------------------------------------------------------------------
+    def _ask(self, ids: list[int], keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (probs [keep, k], ids [keep, k]) after each of the last keep positions of ``ids``."""
+        path, body = (_vllm_request(ids, keep, self.top_k, self.model) if self.api == "vllm"
+                      else self._request(ids, keep, self.top_k))
+        try:
+            rows = self._reply(self._call("POST", path, body), keep)
+            if len(rows) != keep or not all(r[0] and len(r[0]) == len(r[1]) for r in rows):
+                raise ValueError(f"{len(rows)} distributions for {keep} positions")
+            k = min(len(r[0]) for r in rows)
+            probs = torch.tensor([[math.exp(lp) for lp in r[1][:k]] for r in rows], dtype=torch.float32)
+            top = torch.tensor([r[0][:k] for r in rows], dtype=torch.long)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise RemoteExpertError(f"the expert server at {self.url} sent a reply colm cannot read "
+                                    f"({type(e).__name__}: {e})") from None
+        if not bool(((top >= 0) & (top < self.n_vocab)).all()):
+            raise RemoteExpertError(f"the expert server at {self.url} named a token outside the vocabulary")
+        self.requests += 1
+        return probs, top
+
+    def feed(self, rows: RemoteRows, tokens, keep=1, hidden: bool = False) -> Out:
+        """tokens: B lists (ragged) -> Out(topk=[(probs [keep_b, k], ids [keep_b, k]) or None per row])."""
+        if hidden:
+            raise ColmError("the remote engine serves the expert only (the base's hidden state stays local)")
+        if len(tokens) != len(rows.seqs):
+            raise ColmError(f"feed got {len(tokens)} token lists for {len(rows.seqs)} rows")
+        keep = [keep] * len(tokens) if isinstance(keep, int) else list(keep)
+        for b, (t, k) in enumerate(zip(tokens, keep)):
+            if t and not 0 < k <= len(t):
+                raise ColmError(f"row {b}: keep={k} outside 1..{len(t)} new tokens")
+            if len(rows.seqs[b]) + len(t) > self.n_ctx:
+                raise ColmError(f"the answer needs {len(rows.seqs[b]) + len(t)} tokens; the expert server's "
+                                f"context is {self.n_ctx}")
+        self._cancel.clear()
+        jobs = {b: self._pool.submit(self._ask, rows.seqs[b] + [int(x) for x in t], k)
+                for b, (t, k) in enumerate(zip(tokens, keep)) if t}
+        pending = set(jobs.values())
+        while pending:       # wake up to see a Stop even when the server is slow
+            _, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+            if self._stopped():
+                raise Interrupted("stopped while waiting for the expert server")
+        got = {b: f.result() for b, f in jobs.items()}   # raises the first failure: the rows stay as they were
+        for b, t in enumerate(tokens):
+            rows.seqs[b].extend(int(x) for x in t)
+        return Out([None] * len(tokens), None, [got.get(b) for b in range(len(tokens))])
+
+    def score(self, seqs, at, hidden: bool, reduce, chunk: int = 0):
+        raise ColmError("teacher-forced scoring with a remote expert is not built yet; train the head with a local "
+                        "copy of the expert (--expert PATH) or on rollouts")
+
+    def wait_ready(self, seconds: float = 60.0) -> None:
+        """Block until the server answers its health check (llama-server loads the model after it listens)."""
+        t0 = time.monotonic()
+        path = "/health"
+        while True:
+            try:
+                r = self.http.get(path)
+                if r.status_code == 200:
+                    return
+            except Exception:
+                pass
+            if time.monotonic() - t0 > seconds:
+                raise RemoteExpertError(f"the expert server at {self.url} was not ready within {seconds:.0f} s")
+            time.sleep(0.25)

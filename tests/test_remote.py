@@ -1,0 +1,312 @@
+"""The expert behind HTTP (colm.engines.remote): the three servers' reply formats, a fake llama-server backed by
+the tiny expert (same tokens as the local expert, faults, Stop in flight, concurrent sessions), and a real
+llama-server on the embedded expert GGUF where one is built (tests/llama_server.py)."""
+import json
+import socket
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from colm.decode import CoLLM, Policy
+from colm.engines import Interrupted, Pair
+from colm.engines.remote import RemoteEngine, RemoteExpertError, _llama_reply, _sglang_reply, _vllm_reply
+from colm.errors import ColmError
+from conftest import free_port, make_test_head
+
+K = 5
+
+
+# ----------------------------------------------------------------------------------------------- reply formats
+# Shapes as the servers' documentation gives them (llama.cpp tools/server/README.md; vLLM's OpenAI-compatible
+# completions with return_tokens_as_token_ids and prompt_logprobs; SGLang's /generate with return_logprob).
+LLAMA = {"content": " 5", "tokens": [220], "completion_probabilities": [
+    {"id": 220, "logprob": -0.1, "token": " ", "bytes": [32],
+     "top_logprobs": [{"id": 220, "logprob": -0.1, "token": " ", "bytes": [32]},
+                      {"id": 20, "logprob": -2.5, "token": "5", "bytes": [53]}]}]}
+VLLM = {"choices": [{"text": " ", "logprobs": {"tokens": ["token_id:220"], "token_logprobs": [-0.1],
+                                               "top_logprobs": [{"token_id:20": -2.5, "token_id:220": -0.1}]},
+                     "prompt_logprobs": [None, {"7": {"logprob": -3.0, "rank": 4}, "9": {"logprob": -0.2, "rank": 1}},
+                                         {"11": {"logprob": -0.05, "rank": 1}, "12": {"logprob": -3.1, "rank": 2}}]}]}
+SGLANG = {"text": " ", "meta_info": {"input_top_logprobs": [None, [[-0.2, 9, None], [-3.0, 7, None]],
+                                                            [[-0.05, 11, None], [-3.1, 12, None]]],
+                                     "output_top_logprobs": [[[-0.1, 220, None], [-2.5, 20, None]]]}}
+
+
+@pytest.mark.parametrize("reply, js, keep, want", [
+    (_llama_reply, LLAMA, 1, [([220, 20], [-0.1, -2.5])]),
+    (_vllm_reply, VLLM, 1, [([220, 20], [-0.1, -2.5])]),
+    (_vllm_reply, VLLM, 3, [([9, 7], [-0.2, -3.0]), ([11, 12], [-0.05, -3.1]), ([220, 20], [-0.1, -2.5])]),
+    (_sglang_reply, SGLANG, 1, [([220, 20], [-0.1, -2.5])]),
+    (_sglang_reply, SGLANG, 3, [([9, 7], [-0.2, -3.0]), ([11, 12], [-0.05, -3.1]), ([220, 20], [-0.1, -2.5])]),
+])
+def test_each_server_reply_becomes_ranked_ids_and_logprobs(reply, js, keep, want):
+    assert reply(js, keep) == want
+
+
+def test_a_llama_server_that_still_samples_is_refused():
+    bad = {**LLAMA, "tokens": [20]}          # generated token is not its own top-1: a sampler ran
+    with pytest.raises(RemoteExpertError, match="sampler"):
+        _llama_reply(bad, 1)
+
+
+@pytest.mark.parametrize("api, url, words", [("tgi", "http://x", "token ids"), ("openai", "http://x", "token ids"),
+                                             ("llama-server", "ftp://x", "http://")])
+def test_unusable_apis_and_urls_are_refused_with_a_reason(tok, api, url, words):
+    with pytest.raises(ColmError, match=words):
+        RemoteEngine(url, api, tok, len(tok))
+
+
+# ----------------------------------------------------------------------------------------------- a fake llama-server
+class FakeLlamaServer:
+    """/completion, /tokenize and /health like llama-server, answered by a torch model; faults on demand."""
+
+    def __init__(self, model, tok, port: int, api_key: str | None = None):
+        self.model, self.tok, self.api_key = model, tok, api_key
+        self.fail_next = 0           # answer this many requests with 503 first
+        self.garbage_next = 0        # ... or with a body that is not JSON
+        self.delay = 0.0             # seconds before answering /completion
+        self.requests: list[list[int]] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code: int, body: bytes, ctype="application/json"):
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._send(200, b'{"status": "ok"}') if self.path == "/health" else self._send(404, b"{}")
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+                if outer.api_key and self.headers.get("Authorization") != f"Bearer {outer.api_key}":
+                    return self._send(401, b'{"error": "invalid api key"}')
+                if self.path == "/tokenize":
+                    ids = outer.tok.encode(body["content"], add_special_tokens=False)
+                    return self._send(200, json.dumps({"tokens": ids}).encode())
+                if self.path != "/completion":
+                    return self._send(404, b"{}")
+                with outer.lock:
+                    if outer.fail_next:
+                        outer.fail_next -= 1
+                        return self._send(503, b'{"error": "loading model"}')
+                    if outer.garbage_next:
+                        outer.garbage_next -= 1
+                        return self._send(200, b"<html>proxy error</html>", "text/html")
+                    outer.requests.append(list(body["prompt"]))
+                time.sleep(outer.delay)
+                self._send(200, json.dumps(outer.complete(body["prompt"], body["n_probs"])).encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.url = f"http://127.0.0.1:{port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @torch.inference_mode()
+    def complete(self, ids: list[int], k: int) -> dict:
+        logits = self.model(torch.tensor([ids])).logits[0, -1, :len(self.tok)].float()
+        lp = torch.log_softmax(logits, -1)
+        vals, top = lp.topk(k)
+        tops = [{"id": int(i), "logprob": float(v), "token": "", "bytes": []} for v, i in zip(vals, top)]
+        return {"content": "", "tokens": [int(top[0])],
+                "completion_probabilities": [{**tops[0], "top_logprobs": tops}]}
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def server(pair, tok):
+    s = FakeLlamaServer(pair.expert.model, tok, free_port())
+    yield s
+    s.close()
+
+
+def remote_pair(pair, server, **kw) -> Pair:
+    kw.setdefault("retries", 2)
+    e = RemoteEngine(server.url, "llama-server", pair.tokenizer, pair.expert.n_vocab, **kw)
+    return Pair(pair.base, e, pair.tokenizer, pair.base_id, e.describe())
+
+
+PROMPTS = ["add two numbers", "def f(x):", "the cat sat on"]
+
+
+@pytest.mark.parametrize("policy", [Policy("expert"), Policy("colm", threshold=0.5), Policy("random", rate=0.4)],
+                         ids=["expert", "colm", "random"])
+def test_a_remote_expert_writes_the_tokens_the_local_one_writes(pair, server, policy):
+    head = make_test_head(pair.base.hidden_size)
+    local, remote = CoLLM(pair, head), CoLLM(remote_pair(pair, server), head)
+    assert remote.expert_view == "deferred"      # llama-server returns no prompt log-probs
+    for p in PROMPTS:
+        a = local.generate(p, policy=policy, max_new_tokens=12)
+        b = remote.generate(p, policy=policy, max_new_tokens=12)
+        assert b.token_ids == a.token_ids and [s.source for s in b.steps] == [s.source for s in a.steps], p
+        deferred = [s for s in b.steps if s.source == "expert"]
+        assert b.expert_calls == len(deferred)
+        for s, t in zip(b.steps, a.steps):
+            if s.source == "expert":            # the expert's top-k where it wrote, as the local engine has it
+                assert [x[0] for x in s.expert_topk] == [x[0] for x in t.expert_topk]
+                assert [x[2] for x in s.expert_topk] == pytest.approx([x[2] for x in t.expert_topk], abs=1e-4)
+        a.release(), b.release()
+
+
+def test_each_deferred_token_is_one_request_with_the_whole_prefix(pair, server):
+    dec = CoLLM(remote_pair(pair, server))
+    tr = dec.generate("add two numbers", policy=Policy("expert"), max_new_tokens=6)
+    ids = tr.prompt_ids + tr.token_ids
+    assert len(server.requests) == len(tr.steps)
+    assert all(req == ids[:len(tr.prompt_ids) + i] for i, req in enumerate(server.requests))
+
+
+def test_redecode_with_a_remote_expert_equals_a_fresh_decode(pair, server):
+    head = make_test_head(pair.base.hidden_size)
+    dec = CoLLM(remote_pair(pair, server), head)
+    tr = dec.generate("the cat sat on", policy=Policy("colm", threshold=0.9), max_new_tokens=12)
+    again = dec.redecode(tr, 0.3, max_new_tokens=12)
+    fresh = dec.generate("the cat sat on", policy=Policy("colm", threshold=0.3), max_new_tokens=12)
+    assert again.token_ids == fresh.token_ids and again.reused_steps < len(again.steps)
+
+
+def test_a_server_that_fails_a_few_times_is_retried(pair, server):
+    server.fail_next, server.garbage_next = 1, 1
+    tr = CoLLM(remote_pair(pair, server, retries=2)).generate("def f(x):", policy=Policy("expert"), max_new_tokens=4)
+    assert len(tr.steps) == 4
+
+
+def test_a_server_that_keeps_failing_stops_the_answer_with_a_clear_message(pair, server):
+    dec = CoLLM(remote_pair(pair, server, retries=1))
+    server.fail_next = 10
+    with pytest.raises(RemoteExpertError, match=r"did not answer after 2 tries.*503"):
+        dec.generate("def f(x):", policy=Policy("expert"), max_new_tokens=4)
+    server.fail_next = 0                        # the next request is fine again
+    assert len(dec.generate("def f(x):", policy=Policy("expert"), max_new_tokens=4).steps) == 4
+
+
+def test_a_stream_keeps_the_tokens_written_before_the_server_died(pair, server):
+    dec = CoLLM(remote_pair(pair, server, retries=0), make_test_head(pair.base.hidden_size))
+    kept = []
+    with pytest.raises(RemoteExpertError):
+        for tr in dec.stream("the cat sat on", policy=Policy("random", rate=0.5), max_new_tokens=16):
+            kept = list(tr.steps)
+            if len(tr.steps) == 3:
+                server.fail_next = 100
+    assert len(kept) >= 3
+
+
+@pytest.mark.parametrize("key, ok", [("s3cret", True), ("wrong", False)])
+def test_the_api_key_goes_as_a_bearer_token(pair, tok, key, ok):
+    s = FakeLlamaServer(pair.expert.model, tok, free_port(), api_key="s3cret")
+    try:
+        if ok:
+            assert remote_pair(pair, s, api_key=key).expert.requests == 0
+        else:
+            with pytest.raises(RemoteExpertError, match="refused.*401.*--expert-api-key"):
+                remote_pair(pair, s, api_key=key)
+    finally:
+        s.close()
+
+
+def test_a_wrong_url_is_a_clean_error(pair):
+    with pytest.raises(RemoteExpertError, match="did not answer after 1 tries"):
+        RemoteEngine(f"http://127.0.0.1:{free_port()}", "llama-server", pair.tokenizer, len(pair.tokenizer),
+                     retries=0, timeout=2)
+
+
+def test_another_vocabulary_is_refused(pair, server):
+    from conftest import make_tokenizer
+    other = make_tokenizer(vocab_size=300, corpus=["completely different words only", "zebra quartz"] * 5)
+    with pytest.raises(RemoteExpertError, match="not the same vocabulary"):
+        RemoteEngine(server.url, "llama-server", other, len(other))
+
+
+def test_stop_abandons_a_request_in_flight(pair, server):
+    dec = CoLLM(remote_pair(pair, server))
+    server.delay = 5.0
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    t0 = time.monotonic()
+    *_, tr = dec.stream("def f(x):", policy=Policy("expert"), max_new_tokens=4, stop=stop)
+    assert time.monotonic() - t0 < 3 and tr.stop_reason == "cancelled" and tr.steps == []
+    server.delay = 0.0
+
+
+def test_concurrent_sessions_do_not_mix(pair, server):
+    """4 sessions x 5 requests at once against one server: every answer is the one a lone decode gives."""
+    dec = CoLLM(remote_pair(pair, server))
+    want = {p: dec.generate(p, policy=Policy("expert"), max_new_tokens=6).token_ids for p in PROMPTS + ["x = 1"]}
+    got, errors = {}, []
+
+    def session(p):
+        try:
+            got[p] = [dec.generate(p, policy=Policy("expert"), max_new_tokens=6).token_ids for _ in range(5)]
+        except Exception as e:   # noqa: BLE001 -- reported below
+            errors.append(e)
+    threads = [threading.Thread(target=session, args=(p,)) for p in want]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert not errors and all(got[p] == [want[p]] * 5 for p in want)
+
+
+def test_a_batch_asks_for_its_rows_concurrently(pair, server):
+    server.delay = 0.3
+    dec = CoLLM(remote_pair(pair, server))
+    t0 = time.monotonic()
+    trs = dec.generate_batch(PROMPTS, Policy("expert"), max_new_tokens=2)
+    assert all(len(t.steps) == 2 for t in trs)
+    assert time.monotonic() - t0 < 2 * 0.3 * len(PROMPTS)      # three rows a step, not one after another
+    server.delay = 0.0
+
+
+# ----------------------------------------------------------------------------------------------- a real llama-server
+def _llama_server():
+    import llama_server
+    return llama_server.binary()
+
+
+@pytest.fixture(scope="module")
+def real_server():
+    from conftest import default_pair_installed
+    exe = _llama_server()
+    if exe is None or not default_pair_installed():
+        pytest.skip("llama-server is not built here (python tests/llama_server.py) or the default pair is missing")
+    from colm import cache
+    gguf = cache.ensure_default_gguf(cache.DEFAULT_EXPERT)
+    port = free_port()
+    proc = subprocess.Popen([str(exe), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", "1",
+                             "-np", "2", "-c", "8192", "--no-webui"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    yield proc, url, gguf, port, exe
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_a_real_llama_server_gives_the_local_llamacpp_experts_tokens(real_server):
+    from colm.engines import load_pair
+    from colm.head import load_head
+    _, url, *_ = real_server
+    local = load_pair(engine="llamacpp", threads=1, n_seq=2, n_ctx=4096)
+    remote = CoLLM(load_pair(engine="llamacpp", threads=1, n_seq=2, n_ctx=4096, expert_url=url,
+                             expert_timeout=120), load_head(local))
+    here = CoLLM(local, load_head(local))
+    for prompt in ("What is a^3 * a^2 if a = 5?", "Write a Python function that reverses a string."):
+        a = here.generate(prompt, max_new_tokens=48)
+        b = remote.generate(prompt, max_new_tokens=48)
+        n = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+        # same llama.cpp commit and file: equal, except where the expert's top two are within the engine issue's
+        # tolerance (0.5 nats), where one batch shape may round the other way
+        if n is not None:
+            tk = a.steps[n].expert_topk or b.steps[n].expert_topk
+            assert tk and abs(torch.log(torch.tensor(tk[0][2] / tk[1][2]))) < 0.5, (prompt, n)
+        a.release(), b.release()
