@@ -379,3 +379,11 @@ def test_an_external_server_agrees_with_the_same_expert_in_process():
         if n is not None:
             tk = a.steps[n].expert_topk
             assert abs(torch.log(torch.tensor(tk[0][2] / tk[1][2]))) < 0.5, (prompt, n)
+
+
+def test_the_llama_server_request_pins_greedy_without_an_empty_sampler_chain():
+    """An empty "samplers" list makes llama-server sample from the whole distribution (seen on a real server)."""
+    from colm.engines.remote import _llama_request
+    path, body = _llama_request([1, 2, 3], 1, 5)
+    assert path == "/completion" and body["temperature"] < 0 and "samplers" not in body
+    assert body["prompt"] == [1, 2, 3] and body["n_predict"] == 1 and body["n_probs"] == 5 and body["cache_prompt"]

@@ -57,7 +57,9 @@ def _llama_request(ids: list[int], keep: int, k: int) -> tuple[str, dict]:
     if keep > 1:
         raise RemoteExpertError("llama-server returns no log-probabilities for prompt positions: the expert's view "
                                 "covers deferred tokens only (expert_view='deferred')")
-    return "/completion", {"prompt": ids, "n_predict": 1, "n_probs": k, "temperature": -1.0, "samplers": [],
+    # temperature < 0: greedy, and n_probs a plain softmax of the logits.  (An empty "samplers" list would not mean
+    # "none": the server then samples from the full distribution.)
+    return "/completion", {"prompt": ids, "n_predict": 1, "n_probs": k, "temperature": -1.0,
                            "post_sampling_probs": False, "cache_prompt": True, "return_tokens": True,
                            "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                            "dry_multiplier": 0.0, "stream": False}
