@@ -387,3 +387,27 @@ def test_the_llama_server_request_pins_greedy_without_an_empty_sampler_chain():
     path, body = _llama_request([1, 2, 3], 1, 5)
     assert path == "/completion" and body["temperature"] < 0 and "samplers" not in body
     assert body["prompt"] == [1, 2, 3] and body["n_predict"] == 1 and body["n_probs"] == 5 and body["cache_prompt"]
+
+
+def test_colm_generate_with_an_expert_url(pair, pair_dirs, capsys):
+    """The CLI path: --expert-url replaces --expert, and --json names the expert server."""
+    from colm import cli, models
+    # the tokenizer as the CLI reads it from the base's folder (the tiny in-memory one splits digits otherwise)
+    server = FakeLlamaServer(pair.expert.model, models.load_tokenizer(str(pair_dirs / "base")), free_port())
+    try:
+        code = cli.main(["generate", "hi", "--base", str(pair_dirs / "base"), "--expert-url", server.url,
+                         "--policy", "expert", "--max-new-tokens", "4", "--dtype", "fp32", "--json"])
+        out = capsys.readouterr()
+        d = json.loads(out.out)
+    finally:
+        server.close()
+    assert code == 0 and len(d["steps"]) == 4 and d["expert_calls"] == 4 and len(server.requests) == 4, out.err
+    assert server.url in d["expert_model"]
+
+
+def test_colm_generate_with_an_unreachable_expert_url_exits_cleanly(pair_dirs, capsys):
+    from colm import cli
+    code = cli.main(["generate", "hi", "--base", str(pair_dirs / "base"), "--dtype", "fp32",
+                     "--expert-url", f"http://127.0.0.1:{free_port()}", "--expert-timeout", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "did not answer" in err and "Traceback" not in err
