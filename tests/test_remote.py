@@ -13,7 +13,8 @@ import torch
 
 from colm.decode import CoLLM, Policy
 from colm.engines import Interrupted, Pair
-from colm.engines.remote import RemoteEngine, RemoteExpertError, _llama_reply, _sglang_reply, _vllm_reply
+from colm.engines.remote import RemoteEngine, RemoteExpertError
+from colm.engines.servers import _llama_reply, _sglang_reply, _vllm_reply
 from colm.errors import ColmError
 from conftest import free_port, make_test_head
 
@@ -383,7 +384,7 @@ def test_an_external_server_agrees_with_the_same_expert_in_process():
 
 def test_the_llama_server_request_pins_greedy_without_an_empty_sampler_chain():
     """An empty "samplers" list makes llama-server sample from the whole distribution (seen on a real server)."""
-    from colm.engines.remote import _llama_request
+    from colm.engines.servers import _llama_request
     path, body = _llama_request([1, 2, 3], 1, 5)
     assert path == "/completion" and body["temperature"] < 0 and "samplers" not in body
     assert body["prompt"] == [1, 2, 3] and body["n_predict"] == 1 and body["n_probs"] == 5 and body["cache_prompt"]
@@ -411,3 +412,26 @@ def test_colm_generate_with_an_unreachable_expert_url_exits_cleanly(pair_dirs, c
                      "--expert-url", f"http://127.0.0.1:{free_port()}", "--expert-timeout", "2"])
     err = capsys.readouterr().err
     assert code == 2 and "did not answer" in err and "Traceback" not in err
+
+
+def test_teacher_forced_features_from_a_remote_expert_match_the_local_one(pair, server, tok):
+    """Head training with a remote expert (gold-disagreement labels): the expert's argmax along a text is exact,
+    and log P(gold) too wherever the gold token is among the returned top-k."""
+    from colm.train.features import features_for_batch
+    remote = remote_pair(pair, server)
+    batch = [(0, tok.encode("add two numbers"), tok.encode(" def add(a, b): return a + b")),
+             (1, tok.encode("the cat"), tok.encode(" sat on the mat"))]
+    here, there = features_for_batch(pair, batch), features_for_batch(remote, batch)
+    assert torch.equal(here["arg_expert"], there["arg_expert"])
+    # the gold token was among the server's top-K where the local expert ranks it there
+    known = []
+    for _, p, t in batch:
+        with torch.inference_mode():
+            logits = pair.expert.model(torch.tensor([p + t])).logits[0, len(p) - 1:len(p) + len(t) - 1, :len(tok)]
+        known += [g in row for g, row in zip(t, logits.topk(K).indices.tolist())]
+    known = torch.tensor(known)
+    assert known.any() and (~known).any()
+    assert torch.allclose(here["lp_expert"][known], there["lp_expert"][known], atol=1e-4)
+    # elsewhere the stand-in gives the even share of the unreturned mass, below the K-th returned probability
+    per_token = sum(len(t) for _, _, t in batch)
+    assert len(server.requests) == per_token         # llama-server: one request a position

@@ -30,15 +30,10 @@ import torch
 
 from ..errors import ColmError
 from . import Interrupted, Out, check_crop
+from .servers import ADAPTERS, APIS, TEXT_ONLY, RemoteExpertError, _sglang_request, _vllm_request  # noqa: F401
 
-APIS = ("llama-server", "vllm", "sglang")
-TEXT_ONLY = ("tgi", "openai", "chat")
 PROBES = ("What is a^3 * a^2 if a = 5?  12,345.50\n\n\tdef f(x):\n    return x**2",
           "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "日本語 🙂 naïve — “quotes”")
-
-
-class RemoteExpertError(ColmError):
-    """The expert server could not be reached, refused the request, or answered something unusable."""
 
 
 @dataclass
@@ -48,82 +43,6 @@ class RemoteRows:
     @property
     def lengths(self) -> list[int]:
         return [len(s) for s in self.seqs]
-
-
-# ----------------------------------------------------------------------------------------------- adapters
-# Each adapter turns (ids, keep, k) into one request body and a reply into keep rows of (ids, logprobs), top first:
-# the last row is the distribution after the whole sequence, earlier rows those at the keep-1 positions before.
-def _llama_request(ids: list[int], keep: int, k: int) -> tuple[str, dict]:
-    if keep > 1:
-        raise RemoteExpertError("llama-server returns no log-probabilities for prompt positions: the expert's view "
-                                "covers deferred tokens only (expert_view='deferred')")
-    # temperature < 0: greedy, and n_probs a plain softmax of the logits.  (An empty "samplers" list would not mean
-    # "none": the server then samples from the full distribution.)
-    return "/completion", {"prompt": ids, "n_predict": 1, "n_probs": k, "temperature": -1.0,
-                           "post_sampling_probs": False, "cache_prompt": True, "return_tokens": True,
-                           "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                           "dry_multiplier": 0.0, "stream": False}
-
-
-def _llama_reply(js: dict, keep: int) -> list[tuple[list[int], list[float]]]:
-    top = js["completion_probabilities"][0]["top_logprobs"]
-    ids, lps = [int(t["id"]) for t in top], [float(t["logprob"]) for t in top]
-    if js.get("tokens") and int(js["tokens"][0]) != ids[0]:
-        raise RemoteExpertError(f"llama-server's greedy token {js['tokens'][0]} is not its own top-1 {ids[0]}: "
-                                "a sampler is still applied on the server")
-    return [(ids, lps)]
-
-
-def _vllm_request(ids: list[int], keep: int, k: int, model: str = "") -> tuple[str, dict]:
-    body = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "top_p": 1.0, "top_k": -1,
-            "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "logprobs": k,
-            "return_tokens_as_token_ids": True, "skip_special_tokens": False}
-    if keep > 1:
-        body["prompt_logprobs"] = k
-    return "/v1/completions", body
-
-
-def _vllm_id(key: str) -> int:
-    return int(str(key).split("token_id:")[-1])
-
-
-def _vllm_reply(js: dict, keep: int) -> list[tuple[list[int], list[float]]]:
-    ch = js["choices"][0]
-    rows = []
-    if keep > 1:
-        for entry in ch["prompt_logprobs"][-(keep - 1):]:
-            # {token_id: {"logprob": .., "rank": ..}}: the prompt token itself plus the top k; rank orders them
-            items = sorted(((int(t), v["logprob"], v.get("rank") or 1) for t, v in entry.items()),
-                           key=lambda x: (-x[1], x[2]))
-            rows.append(([i for i, _, _ in items], [float(lp) for _, lp, _ in items]))
-    top = ch["logprobs"]["top_logprobs"][0]
-    items = sorted(((_vllm_id(t), lp) for t, lp in top.items()), key=lambda x: -x[1])
-    rows.append(([i for i, _ in items], [float(lp) for _, lp in items]))
-    return rows
-
-
-def _sglang_request(ids: list[int], keep: int, k: int) -> tuple[str, dict]:
-    return "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0,
-                                                                "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0},
-                         "return_logprob": True, "top_logprobs_num": k,
-                         "logprob_start_len": len(ids) - (keep - 1) if keep > 1 else -1}
-
-
-def _sglang_reply(js: dict, keep: int) -> list[tuple[list[int], list[float]]]:
-    meta = (js[0] if isinstance(js, list) else js)["meta_info"]
-    rows = []
-    if keep > 1:
-        # input_top_logprobs[0] belongs to the first prompt token asked for (no context before it): skip it
-        for entry in meta["input_top_logprobs"][-(keep - 1):]:
-            rows.append(([int(t[1]) for t in entry], [float(t[0]) for t in entry]))
-    out = meta["output_top_logprobs"][0]
-    rows.append(([int(t[1]) for t in out], [float(t[0]) for t in out]))
-    return rows
-
-
-ADAPTERS = {"llama-server": (_llama_request, _llama_reply, False),
-            "vllm": (_vllm_request, _vllm_reply, True),
-            "sglang": (_sglang_request, _sglang_reply, True)}
 
 
 # ----------------------------------------------------------------------------------------------- engine
@@ -302,9 +221,46 @@ class RemoteEngine:
             rows.seqs[b].extend(int(x) for x in t)
         return Out([None] * len(tokens), None, [got.get(b) for b in range(len(tokens))])
 
-    def score(self, seqs, at, hidden: bool, reduce, chunk: int = 0):
-        raise ColmError("teacher-forced scoring with a remote expert is not built yet; train the head with a local "
-                        "copy of the expert (--expert PATH) or on rollouts")
+    def score(self, seqs, at, hidden: bool, reduce, chunk: int = 64):
+        """Teacher forcing for head training (gold-disagreement labels need the expert's argmax along a text).
+        vLLM and SGLang return every position's top-k (and the text's own token) in one request per sequence;
+        llama-server answers one position a request (its cache makes each evaluate one new token).  The top-k is
+        spread into a [n, V] logits stand-in for ``reduce``: known log-probs where returned, the remaining mass
+        shared evenly by the other tokens, so argmax and log P(a returned token) are exact; log P(gold) of a gold
+        token outside the returned ones is that even share, a floor."""
+        if hidden:
+            raise ColmError("the remote engine serves the expert only (no hidden states)")
+        parts, start = [], 0
+        for seq, want in zip(seqs, at):
+            want = sorted(int(j) for j in want)
+            if any(not 0 <= j < len(seq) for j in want):
+                raise ColmError("score: a wanted position lies outside its sequence")
+            if self.cheap_logits and want:          # one request: the distributions after positions want[0]..end
+                first = want[0]
+                probs, ids = self._ask(list(seq[:want[-1] + 1]), want[-1] + 1 - first)   # rows: first..want[-1]
+                rows = {j: (probs[j - first], ids[j - first]) for j in want}
+            else:
+                rows = {}
+                for j in want:
+                    probs, ids = self._ask(list(seq[:j + 1]), 1)
+                    rows[j] = (probs[0], ids[0])
+            for c in range(0, len(want), chunk):
+                part = want[c:c + chunk]
+                parts.append(reduce(self._logits_standin([rows[j] for j in part]), start))
+                start += len(part)
+        out = {key: torch.cat([p[key] for p in parts]) for key in parts[0]} if parts else {}
+        return out, None
+
+    def _logits_standin(self, rows) -> torch.Tensor:
+        """[(probs [m], ids [m])] -> [n, V]: log p at the returned ids, the rest of the mass spread evenly."""
+        out = torch.empty(len(rows), self.n_vocab)
+        for r, (probs, ids) in enumerate(rows):
+            keep = ids < self.n_vocab
+            probs, ids = probs[keep], ids[keep]
+            rest = max(1e-12, 1.0 - float(probs.sum()))
+            out[r].fill_(math.log(rest / max(1, self.n_vocab - len(ids))))
+            out[r, ids] = probs.clamp_min(1e-30).log()
+        return out
 
     def wait_ready(self, seconds: float = 60.0) -> None:
         """Block until the server answers its health check (llama-server loads the model after it listens)."""
