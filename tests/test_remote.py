@@ -435,3 +435,31 @@ def test_teacher_forced_features_from_a_remote_expert_match_the_local_one(pair, 
     # elsewhere the stand-in gives the even share of the unreturned mass, below the K-th returned probability
     per_token = sum(len(t) for _, _, t in batch)
     assert len(server.requests) == per_token         # llama-server: one request a position
+
+
+def test_four_sessions_against_one_real_server_do_not_mix(real_server):
+    """4 concurrent sessions x 5 requests against one llama-server (-np 2): all complete, and each answer is the one
+    its session gets alone, except after a near-tie (the server batches concurrent slots together, and another
+    batch shape may round a top-2 within 0.5 nats the other way).  Expert-only answers: every token a request."""
+    from colm.engines import load_pair
+    _, url, *_ = real_server
+    dec = CoLLM(load_pair(engine="llamacpp", threads=1, n_seq=8, n_ctx=4096, expert_url=url, expert_timeout=120))
+    prompts = ["2+2?", "Name a colour.", "What is 3*7?", "Say hi."]
+    want = {p: dec.generate(p, policy=Policy("expert"), max_new_tokens=5).token_ids for p in prompts}
+    got, errors = {}, []
+
+    def session(p):
+        try:
+            got[p] = [dec.generate(p, policy=Policy("expert"), max_new_tokens=5) for _ in range(5)]
+        except Exception as e:   # noqa: BLE001 -- reported below
+            errors.append(e)
+    threads = [threading.Thread(target=session, args=(p,)) for p in prompts]
+    [t.start() for t in threads]
+    [t.join(300) for t in threads]
+    assert not errors and all(len(got[p]) == 5 for p in prompts)
+    for p in prompts:
+        for tr in got[p]:
+            n = next((i for i, (x, y) in enumerate(zip(tr.token_ids, want[p])) if x != y), None)
+            if n is not None:
+                tk = tr.steps[n].expert_topk
+                assert n > 0 and abs(torch.log(torch.tensor(tk[0][2] / tk[1][2]))) < 0.5, (p, n, tr.token_ids)
