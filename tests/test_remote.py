@@ -462,4 +462,5 @@ def test_four_sessions_against_one_real_server_do_not_mix(real_server):
             n = next((i for i, (x, y) in enumerate(zip(tr.token_ids, want[p])) if x != y), None)
             if n is not None:
                 tk = tr.steps[n].expert_topk
-                assert n > 0 and abs(torch.log(torch.tensor(tk[0][2] / tk[1][2]))) < 0.5, (p, n, tr.token_ids)
+                assert abs(torch.log(torch.tensor(tk[0][2] / tk[1][2]))) < 0.5, (p, n, tr.token_ids, tk[:2])
+                assert all(tr.token_ids != want[q] for q in prompts if q != p)     # not another session's answer
