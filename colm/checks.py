@@ -136,7 +136,7 @@ def check_line(line: str, offset: int = 0) -> list[Check]:
             continue
         if re.match(r"\s*(?:\*\*|[+\-*/])\s*[\d(]", right[m.end():]):
             continue        # "= 20 + 6 = 26": the right side is another expression; the next '=' checks it
-        if re.match(r"[A-Za-z]", right[m.end():m.end() + 1]):
+        if re.match(r"[A-Za-z]", right[m.end(1):m.end(1) + 1]):
             continue        # "= 2L", "= 3x": an algebraic term, not a number
         written = m.group(1).replace(",", "")
         try:
