@@ -14,6 +14,8 @@ from .models import ColmError
 from .train import add_arguments as train_args
 
 EXPERT_ON, EXPERT_OFF = "\x1b[1;38;5;208m", "\x1b[0m"   # how a terminal shows expert-written text
+JSON_KEYS = ("text", "deferral_rate", "expert_calls", "decode_seconds", "tokens_per_second", "base_model",
+             "expert_model", "head", "head_trained", "engine", "policy", "stop_reason", "steps")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,19 +78,57 @@ def _summary(trace) -> str:
             f"{trace.expert_calls} expert calls, {trace.tokens_per_second:.1f} tokens/s)")
 
 
+def _forces(values: list[str]) -> list[tuple[int, str]]:
+    """``--force POS=expert|base`` values -> [(position, source)] by position."""
+    out = {}
+    for v in values:
+        pos, _, src = v.partition("=")
+        if not pos.strip().isdigit() or src not in ("base", "expert") or int(pos) in out:
+            raise ColmError(f"--force takes POS=expert or POS=base, one per position (POS: a generated position, "
+                            f"0-based), got {v!r}")
+        out[int(pos)] = src
+    return sorted(out.items())
+
+
+def generate_forced(dec, args, policy):
+    """Decode up to the first forced position, then branch there and at each later one (``CoLLM.branch``, the
+    page's "use the other model here"); each decode stops just past the next forced position, so nothing is thrown
+    away."""
+    forces = _forces(args.force)
+    ends = [pos + 1 for pos, _ in forces[1:]] + [args.max_new_tokens]
+    trace = dec.generate(args.prompt, policy=policy, max_new_tokens=min(forces[0][0] + 1, args.max_new_tokens),
+                         chat=not args.raw)
+    for (pos, src), end in zip(forces, ends):
+        trace = dec.branch(trace, pos, src, max_new_tokens=min(end, args.max_new_tokens))
+    trace.release()
+    return trace
+
+
+def _show_forced(trace, as_json: bool) -> int:
+    if as_json:
+        d = trace.to_dict(full=False)
+        print(json.dumps({k: d[k] for k in JSON_KEYS + ("forced_positions",)}, ensure_ascii=False))
+        return 0
+    print(render_marked(trace, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR")))
+    print(_summary(trace) + f"; forced: {', '.join(map(str, trace.forced_positions))}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     """Decode one prompt with Co-LLM (or a baseline policy) and show which tokens came from the expert (streamed, in
-    colour, on a terminal)."""
+    colour, on a terminal).  --force has a given model write a given token and the policy continue from there."""
+    if args.force:
+        _forces(args.force)         # a malformed --force fails before the models load
     pair, head = load_from_args(args, need_head=args.policy == "colm")
     from .decode import CoLLM
     dec = CoLLM(pair, head)
+    if args.force:
+        return _show_forced(generate_forced(dec, args, _policy(args, head)), args.json)
     if args.json:
         trace = dec.generate(args.prompt, policy=_policy(args, head), max_new_tokens=args.max_new_tokens,
                              chat=not args.raw)
         d = trace.to_dict(full=False)
-        keys = ("text", "deferral_rate", "expert_calls", "decode_seconds", "tokens_per_second", "base_model",
-                "expert_model", "head", "head_trained", "engine", "policy", "stop_reason", "steps")
-        print(json.dumps({k: d[k] for k in keys}, ensure_ascii=False))
+        print(json.dumps({k: d[k] for k in JSON_KEYS}, ensure_ascii=False))
         return 0
     if sys.stdout.isatty():
         traces = dec.stream(args.prompt, _policy(args, head), args.max_new_tokens, chat=not args.raw)
@@ -104,7 +144,7 @@ def cmd_generate(args) -> int:
 def cmd_rollouts(args) -> int:
     """Greedy answers of one model (or of Co-LLM with a head) to GSM8K problems, appended to a JSONL file
     (resumable: reruns skip what is done; a manifest beside the file must match the rerun's settings)."""
-    from .data import DEFAULT_DATA, read_jsonl, split
+    from .data import DEFAULT_DATA, read_jsonl, select
     from .decode import CoLLM, Policy
     from .runs import data_fingerprint, run_policy
     if args.start < 0 or args.limit < 1:
@@ -113,8 +153,7 @@ def cmd_rollouts(args) -> int:
         raise ColmError("--head and --threshold are for --model colm")
     data = Path(args.data) if args.data else DEFAULT_DATA
     rows = read_jsonl(data)
-    train, dev = split(rows, args.dev_size)
-    examples = (train if args.split == "train" else dev)[args.start:args.start + args.limit]
+    examples = select(rows, args.split, args.dev_size)[args.start:args.start + args.limit]
     pair, head = load_from_args(args, need_head=args.model == "colm")
     dec = CoLLM(pair, head if args.model == "colm" else None)
     if args.model == "colm":
@@ -180,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head", default=None, help="deferral head .safetensors (default: the shipped head)")
     g.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of marked text")
+    g.add_argument("--force", action="append", default=[], metavar="POS=expert|base",
+                   help="have that model write generated token POS (0-based), then let the policy continue "
+                        "(repeatable; shown in --json as forced_positions)")
     add_model_arguments(g)
 
     r = command("rollouts", cmd_rollouts)
@@ -188,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--head", default=None, help="--model colm: deferral head .safetensors (default: the shipped head)")
     r.add_argument("--threshold", type=float, default=None, help="--model colm: defer when p_defer > this "
                                                                   "(default: the head's)")
-    r.add_argument("--split", default="train", choices=["train", "dev"])
+    r.add_argument("--split", default="train", choices=["train", "dev-a", "dev-b", "dev"],
+                   help="train: neither dev half (colm.data.halves); dev (= dev-a) or dev-b")
     r.add_argument("--data", default=None, help="GSM8K-format JSONL (default: ../shared/data/gsm8k/train.jsonl)")
     r.add_argument("--dev-size", type=int, default=300)
     r.add_argument("--limit", type=int, default=2000)

@@ -26,7 +26,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .engines import Pair
+from .branch import Branching
+from .engines import Interrupted, Pair
 from .engines.llamacpp import ContextFull, SlotsExhausted
 from .head import DeferralHead
 from .models import ColmError
@@ -37,7 +38,7 @@ from .trace import Step, Trace, TopK, topk_probs, topk_records  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------- decoder
-class CoLLM:
+class CoLLM(Branching):
     """A base/expert pair plus a deferral head.  Every call returns its own Trace."""
 
     def __init__(self, pair: Pair, head: DeferralHead | None = None, top_k: int = 5, max_prompt_tokens: int = 4096,
@@ -128,6 +129,9 @@ class CoLLM:
         base_p, base_i = topk_probs(st.logits, self.top_k)
         on = torch.tensor(active)
         defer = policy.defer(p, base_p[:, 0].cpu(), rngs) & on
+        for b in range(B):   # a branch's forced writer overrides the policy at its position (colm.branch)
+            if active[b] and (w := st.force[b].get(len(st.seqs[b]) - st.prompt_lens[b])):
+                defer[b] = w == "expert"
         token = base_i[:, 0].clone()
         catch = {}
         if bool(defer.any()):
@@ -144,7 +148,7 @@ class CoLLM:
             out = self._roomy(self.pair.expert.feed, st.expert_rows, tokens, keep)
             for b in range(B):
                 if who[b]:
-                    ep, ei = topk_probs(out.logits[b], self.top_k)
+                    ep, ei = out.top(b, self.top_k)
                     catch[b] = (first[b] + 1 - st.prompt_lens[b], ep, ei)
                     if defer[b]:
                         token[b] = ei[-1, 0]
@@ -171,13 +175,20 @@ class CoLLM:
         t0 = time.perf_counter()
         n = len(traces[0].steps)
         tok = self.pair.tokenizer
+        if hasattr(self.pair.expert, "watch"):     # an engine that can abandon a slow call (a remote expert)
+            self.pair.expert.watch(stop)
         while n < max_new_tokens and any(active):
             if stop is not None and stop.is_set():
                 for tr in traces:
                     tr.stop_reason = tr.stop_reason or "cancelled"
                 break
-            with self._lock:
-                token, defer, p, (bp, bi), catch = self.decode_one(st, policy, rngs, active, n + 1 < max_new_tokens)
+            try:
+                with self._lock:
+                    token, defer, p, (bp, bi), catch = self.decode_one(st, policy, rngs, active, n + 1 < max_new_tokens)
+            except Interrupted:      # Stop while a remote expert's request was in flight: nothing was fed
+                for tr in traces:
+                    tr.stop_reason = tr.stop_reason or "cancelled"
+                break
             token_l, defer_l, p_l, bp_l, bi_l = token.tolist(), defer.tolist(), p.tolist(), bp.tolist(), bi.tolist()
             for b, tr in enumerate(traces):
                 if not active[b]:
@@ -194,7 +205,7 @@ class CoLLM:
                     if defer_l[b]:
                         tr.expert_calls += 1
                 tr.steps.append(Step(n, token_l[b], detoks[b].push(token_l[b]), "expert" if defer_l[b] else "base",
-                                     float(p_l[b]), topk_records(tok, bi_l[b], bp_l[b]), last))
+                                     float(p_l[b]), topk_records(tok, bi_l[b], bp_l[b]), last, n in st.force[b]))
                 why = self.end_reason(tr.steps)
                 if why:
                     tr.stop_reason, active[b] = why, False
@@ -291,6 +302,9 @@ class CoLLM:
         flips are unchanged.  Both models' rows are cropped ("crop to t and continue"): the base to the tokens
         before t, its last one re-fed to rebuild the state at t; the expert to at most that, so at least one token
         is pending.  The given trace's state is consumed: the returned trace owns it.
+
+        Forced positions (``branch``) are not the threshold's decisions: the first-flip search skips them, those
+        before the first flip stay forced, those after it are dropped (the text they were chosen in is rewritten).
         """
         st = trace.state
         if st is None or st.closed or len(st.seqs) != 1:
@@ -300,7 +314,7 @@ class CoLLM:
         max_new_tokens = check_max_new(max_new_tokens)
         st.last_used = -1.0          # in use: not to be evicted while it is re-decoded
         t = next((i for i, s in enumerate(trace.steps)
-                  if (s.p_defer > policy.threshold) != (s.source == "expert")), len(trace.steps))
+                  if not s.forced and (s.p_defer > policy.threshold) != (s.source == "expert")), len(trace.steps))
         t = min(t, max_new_tokens)   # never keep more steps than asked for, wherever the first flip lies
         t0 = time.perf_counter()
         keep = st.prompt_lens[0] + t
@@ -310,6 +324,7 @@ class CoLLM:
             st.seqs[0] = st.seqs[0][:keep]
             out = self._roomy(self.pair.base.feed, st.base_rows, [[st.seqs[0][-1]]], keep=1, hidden=True)
         st.h, st.logits = out.hidden, out.logits[0][-1:].clone()
+        st.force = [{}]
         tr = self._new_trace(trace.prompt, trace.prompt_ids, policy)
         tr.steps = [Step(**asdict(s)) for s in trace.steps[:t]]
         tr.expert_calls = sum(s.source == "expert" for s in tr.steps)

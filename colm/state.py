@@ -3,7 +3,7 @@ position, so a trace can be continued, re-decoded or branched (colm.decode)."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,12 @@ class DecodeState:
     h: torch.Tensor                 # [B, H] base final hidden state for the next position
     logits: torch.Tensor            # [B, V] base logits for the next position
     last_used: float = 0.0
+    # per row: generated position -> the model forced to write it ("base" | "expert"), read by decode_one; a
+    # branch (colm.branch) sets it, a re-decode clears it (forced positions past its first flip are dropped)
+    force: list[dict[int, str]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.force = self.force or [{} for _ in self.seqs]
 
     def close(self) -> None:
         if self.base_rows is not None:

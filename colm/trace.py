@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-import torch
+from .engines import topk_probs  # noqa: F401  (colm.trace.topk_probs: where callers have always found it)
 
 TopK = list  # [(token_id, text, prob), ...]
 
@@ -19,9 +19,12 @@ class Step:
     p_defer: float                        # NaN when no head was run
     base_topk: TopK
     expert_topk: TopK | None = None       # known for every position a catch-up forward covered
+    forced: bool = False                  # source set by a branch (CoLLM.branch), not by the policy
 
     def to_dict(self, full: bool = True) -> dict:
         d = asdict(self)
+        if not self.forced:
+            d.pop("forced")               # listed only where true: most steps are the policy's own
         if isinstance(self.p_defer, float) and math.isnan(self.p_defer):
             d["p_defer"] = None
         if not full:
@@ -57,6 +60,10 @@ class Trace:
         return [s.token_id for s in self.steps]
 
     @property
+    def forced_positions(self) -> list[int]:
+        return [s.position for s in self.steps if s.forced]
+
+    @property
     def deferral_rate(self) -> float:
         return sum(s.source == "expert" for s in self.steps) / len(self.steps) if self.steps else 0.0
 
@@ -79,15 +86,10 @@ class Trace:
             "stop_reason": self.stop_reason, "reused_steps": self.reused_steps,
             "base_model": self.base_model, "expert_model": self.expert_model,
             "head": self.head, "head_trained": self.head_trained, "engine": self.engine,
-            "steps": [s.to_dict(full) for s in self.steps],
+            "forced_positions": self.forced_positions, "steps": [s.to_dict(full) for s in self.steps],
         }
 
 
-def topk_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [..., V] -> (probs [..., k], ids [..., k]) without materialising a full softmax."""
-    logits = logits.float()
-    vals, ids = logits.topk(k, dim=-1)
-    return (vals - logits.logsumexp(-1, keepdim=True)).exp(), ids
 
 
 def topk_records(tok, ids: list[int], probs: list[float]) -> TopK:
