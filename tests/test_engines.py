@@ -172,3 +172,15 @@ def test_llamacpp_score_matches_feed(llama_pair):
 def test_context_overflow_refused_by_the_decoder(llama_pair, llama_head):
     with pytest.raises(ColmError, match="context"):
         CoLLM(llama_pair, llama_head).generate("hello", threshold=0.5, max_new_tokens=llama_pair.base.n_ctx)
+
+
+def test_closing_rows_after_the_engine_was_freed_is_harmless(small_base):
+    """A garbage cycle can free an engine before the DecodeState holding its rows; closing them then must not
+    touch the freed llama.cpp context (it segfaulted)."""
+    from colm.engines.llamacpp import LlamaCppEngine
+    eng = LlamaCppEngine(small_base.path, small_base.n_vocab, threads=1, role="base", n_ctx=256, n_seq=2)
+    rows = eng.open(1)
+    eng.feed(rows, [[100, 101]])
+    eng.__del__()
+    eng.close(rows)
+    assert rows.slots == [] and eng.ctx is None

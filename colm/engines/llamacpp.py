@@ -128,6 +128,9 @@ class LlamaCppEngine:
                 L.llama_model_free(self.model)
         except Exception:
             pass
+        # A garbage cycle may free this engine before a DecodeState that still holds its rows: that state's
+        # close() must then find nothing to free, not a dangling context (a segfault).
+        self.batch = self.ctx = self.mem = self.model = None
 
     @property
     def device(self) -> torch.device:
@@ -150,6 +153,9 @@ class LlamaCppEngine:
         return LlamaRows(slots, [0] * n)
 
     def close(self, rows: LlamaRows) -> None:
+        if getattr(self, "ctx", None) is None:       # the engine itself is already freed
+            rows.slots, rows.lengths = [], []
+            return
         with self._lock:
             for s in rows.slots:
                 if s in self._used:
