@@ -4,9 +4,9 @@
                   [--device auto] [--dtype auto] [--share]
 
 Thin on purpose: load the pair and head once, build the page around one CoLLM decoder, one callback per user
-action.  Everything drawn comes from colm.viz; each browser session keeps its own trace in gr.State.  While the
-models load (the first cold start takes a minute or two) a small loading page on the same port shows progress,
-then reloads into the demo.
+action.  Everything drawn comes from colm.page (HTML and words) and colm.viz (palette, summary, JSON); each browser
+session keeps its own trace in gr.State.  While the models load (the first cold start takes a minute or two) a
+small loading page on the same port shows progress, then reloads into the demo.
 """
 from __future__ import annotations
 
@@ -26,69 +26,22 @@ from pathlib import Path
 
 import gradio as gr
 
-from colm import viz
+from colm import page, viz
 from colm.data import messages
 from colm.decode import CoLLM, Policy
+from colm.loading import add_expert_server_arguments
 from colm.models import ColmError
 
 EXAMPLES = Path(__file__).resolve().parent / "assets" / "examples.json"
 MAX_PROMPT_CHARS = 8000
-CHART_EVERY_S = 0.5        # the chart is the heavy part of a streamed update; the text updates every token
+VIEW_EVERY_S = 0.25        # the answer+chart view is the heavy part of a streamed update; progress updates every token
 STATE_TTL_S = 3600         # a trace holds KV caches; drop a session's after an hour of disuse
 MODEL = "model"            # one concurrency group for every callback that runs a model
 DEFAULT_MAX_NEW = 512      # covers every shipped example's whole answer (bench/examples.py measures them)
+THRESHOLD_STEP = 0.005     # fine enough for the shipped η (0.145), coarse enough for arrow keys
 
 POLICY_CHOICES = [("Co-LLM", "colm"), ("base only", "base"), ("expert only", "expert"),
                   ("random", "random"), ("confidence", "confidence")]
-
-ABOUT = r"""
-**Co-LLM** (Shen et al., ACL 2024) lets a small *base* model write an answer and, token by token, decide to hand
-the next token to a larger *expert* model instead.
-
-Before each token the base model has a hidden state $h_t$ (its last layer, after reading everything so far).
-A learned linear map — the *deferral head* — turns it into a probability of deferring:
-
-$$p_{\text{defer}} = \sigma(w \cdot h_t + v \cdot c_t + b)$$
-
-where $c_t$ is how sure the base is about its next token (its top probability, entropy and top-2 margin).
-The paper's head reads $h_t$ only; with a frozen base, adding $c_t$ made the shipped head much better.
-
-The token comes from the expert if $p_{\text{defer}} > \eta$ and from the base model otherwise; $\eta$ is the
-threshold slider.  Lower $\eta$ means more expert tokens: better answers, more expert compute.
-
-**Training.**  Nobody labels which tokens need help.  The head is fit by treating the choice as a latent variable
-and maximising the likelihood of correct answers under the mixture of the two models:
-
-$$\mathcal{L} = -\sum_t \log\Big[(1-\sigma(d_t))\,P_{\text{base}}(x_t \mid x_{<t}) + \sigma(d_t)\,P_{\text{expert}}(x_t \mid x_{<t})\Big],\qquad d_t = w\cdot h_t + v\cdot c_t + b$$
-
-so the head learns to defer exactly where the expert is much more likely to produce the right token.
-With the base frozen (as here, on a CPU) a simpler label worked better: the shipped head is a logistic
-regression on *disagreement* — positions where the base's top token differs from the expert's.  Deferring at
-exactly those positions reproduces the expert's answer.
-
-**Why it is cheap.**  The expert only runs when a token is deferred.  Tokens it has not seen yet wait in a queue
-and go through it in one forward pass at the next deferral, so expert forward passes = deferred tokens.
-
-**Reading the page.**  Orange tokens came from the expert.  The chart shows $p_{\text{defer}}$ for every
-position, with the threshold as a dashed line; hover a bar to see the base's and the expert's top candidates.
-Dragging the threshold previews which decisions would flip (hatched bars, purple text); releasing it (or
-*Apply threshold*) re-decodes from the first flipped token, reusing everything before it.
-"""
-# Gradio lays HighlightedText tokens out as separate flex boxes with margins, which adds gaps inside words and
-# moves line breaks; this makes the answer flow as plain monospace text, each "\n" a real line break.  The
-# font-size 0 hides the template's own whitespace between spans, so only the text's sizes (and backgrounds) count.
-CSS = r"""
-.colm-answer .textfield { display: block; font-size: 0; word-break: normal; overflow-wrap: anywhere; }
-.colm-answer .token-container, .colm-answer .token { display: inline; }
-.colm-answer .text, .colm-answer .line-break::after { font-family: var(--font-mono); font-size: var(--text-md);
-  line-height: 1.6; }
-.colm-answer .token.highlighted { margin: 0; padding: 0; }
-.colm-answer .token.highlighted .text { background: inherit; border-radius: 2px; box-decoration-break: clone;
-  -webkit-box-decoration-break: clone; }
-.dark .colm-answer .token.highlighted .text, .dark .colm-answer .legend-item { color: var(--body-text-color); }
-.colm-answer .line-break { display: inline; }
-.colm-answer .line-break::after { content: "\A"; white-space: pre; }
-"""
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 
 
@@ -97,6 +50,35 @@ def load_examples(path: Path = EXAMPLES) -> list[tuple[str, str]]:
     """(label, prompt) pairs.  Word problems get the instruction the head was trained with."""
     items = json.loads(Path(path).read_text(encoding="utf-8"))
     return [(e["label"], messages(e["question"])[0]["content"] if e.get("gsm8k") else e["question"]) for e in items]
+
+
+def example_answers(path: Path = EXAMPLES) -> dict[str, str]:
+    """The known final answer of each shipped example, keyed by the prompt text the page sends (Compare marks
+    answers right or wrong only for these)."""
+    items = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {prompt: str(e["answer"]) for (_, prompt), e in zip(load_examples(path), items) if e.get("answer")}
+
+
+class ThresholdStop(threading.Event):
+    """The Stop of a Co-LLM decode of the main answer, with the threshold it decodes at."""
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.threshold = threshold
+
+
+def stop_outdated(stop, threshold) -> None:
+    """A new threshold was let go of: a decode of the answer at another threshold is no longer wanted (the re-decode
+    queued behind it continues from wherever it stopped).  Compare's decodes and other policies are left alone."""
+    if isinstance(stop, ThresholdStop) and stop.threshold != threshold:
+        stop.set()
+
+
+def unchanged(trace, threshold, max_new) -> bool:
+    """A Co-LLM answer asked to re-decode at its own threshold with no room to grow: nothing to do.  (A stopped
+    or cut answer given more tokens does continue.)"""
+    done = trace.stop_reason in ("eos", "answer") or (isinstance(max_new, (int, float)) and len(trace.steps) >= max_new)
+    return trace.policy.get("threshold") == threshold and done
 
 
 def prompt_problem(prompt: str, limit: int) -> str | None:
@@ -140,7 +122,9 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
               max_prompt_chars: int = MAX_PROMPT_CHARS, default_max_new: int = DEFAULT_MAX_NEW) -> gr.Blocks:
     """The whole demo around one loaded decoder.  Callbacks close over ``decoder`` and nothing else shared."""
     examples = load_examples() if examples is None else examples
-    thr0 = decoder.head.threshold if decoder.head is not None else 0.5
+    answers = example_answers()
+    # Shown as it is stored: the slider keeps 2-3 significant digits (the head's 0.1446664 is 0.145).
+    thr0 = float(viz.fmt_threshold(decoder.head.threshold)) if decoder.head is not None else 0.5
     export_dir = Path(tempfile.mkdtemp(prefix="colm-app-"))
     atexit.register(shutil.rmtree, export_dir, ignore_errors=True)
     banner = "\n\n".join(b for b in (banner, head_banner(decoder)) if b)
@@ -159,19 +143,24 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
         path.write_text(viz.trace_json(trace, settings), encoding="utf-8")
         return str(path)
 
-    def render(traces, threshold: float, settings: dict, stop: threading.Event):
-        """Stream a growing trace: text and summary every token, the chart at most every CHART_EVERY_S,
-        everything (and the export file) once it ends."""
-        yield gr.skip(), stop, gr.skip(), gr.skip(), gr.skip(), "", gr.skip()   # Stop works during the prefill too
-        last_chart, trace = 0.0, None
+    def render(traces, settings: dict, stop: threading.Event, before=None):
+        """Stream a growing trace: progress every token, the view at most every VIEW_EVERY_S, and at the end the
+        whole view, the summary, what changed (after a re-decode) and the export file."""
+        max_new = settings["max_new_tokens"]
+        # Stop works from here on; the export is off until this decode has a file of its own.
+        off = gr.DownloadButton(interactive=False)
+        yield gr.skip(), stop, gr.skip(), "", page.progress_line(None, max_new), "", off
+        last_view, trace = 0.0, None
         for trace in traces:
             now = time.monotonic()
-            chart = gr.skip()
-            if now - last_chart >= CHART_EVERY_S:
-                chart, last_chart = viz.deferral_figure(trace, threshold), now
-            yield trace, stop, viz.highlighted(trace), chart, viz.summary_line(trace), "", gr.skip()
+            view = gr.skip()
+            if now - last_view >= VIEW_EVERY_S:
+                view, last_view = page.view_html(trace), now
+            yield trace, stop, view, gr.skip(), page.progress_line(trace, max_new), "", gr.skip()
         if trace is not None:
-            yield (trace, stop, viz.highlighted(trace), viz.deferral_figure(trace, threshold),
+            if before is not None and trace.stop_reason == "cancelled":
+                trace.shown_before = before   # the next re-decode compares with the answer before this cut one
+            yield (trace, stop, page.view_html(trace), page.changes_html(before, trace) if before is not None else "",
                    viz.summary_line(trace), "", export(trace, settings))
 
     def refuse(message: str):
@@ -184,69 +173,97 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
         if problem:
             yield refuse(problem)
             return
-        stop = threading.Event()
+        stop = ThresholdStop(threshold) if policy_name == "colm" else threading.Event()
         try:
             n = max_new_tokens(max_new)
             settings = {"policy": policy_name, "threshold": threshold, "rate": rate, "min_prob": min_prob,
                         "max_new_tokens": n}
             policy = Policy(policy_name, threshold=float(threshold), rate=float(rate), min_prob=float(min_prob))
-            yield from render(decoder.stream(prompt, policy, n, stop=stop), threshold, settings, stop)
+            yield from render(decoder.stream(prompt, policy, n, stop=stop), settings, stop)
         except ColmError as e:
             yield refuse(str(e))
 
     def redecode(trace, threshold, max_new):
+        """The threshold was let go of (mouse, arrow keys, the number box) or applied: re-decode from the first
+        changed decision and show what changed."""
         if trace is None:
             yield refuse("Generate an answer first; the threshold then re-decodes it.")
             return
         if trace.policy.get("name") != "colm":
             yield refuse("Re-decoding at a new threshold applies to Co-LLM answers: choose Co-LLM and Generate.")
             return
-        stop = threading.Event()
+        if unchanged(trace, threshold, max_new):
+            yield (gr.skip(),) * 5 + ("", gr.skip())     # let go where it started: nothing to re-decode
+            return
+        stop = ThresholdStop(threshold)
         try:
             n = max_new_tokens(max_new)
             settings = {"policy": "colm", "threshold": threshold, "max_new_tokens": n, "redecoded": True}
             stream = decoder.redecode_stream(trace, Policy("colm", threshold=float(threshold)), n, stop)
-            yield from render(stream, threshold, settings, stop)
+            yield from render(stream, settings, stop, before=getattr(trace, "shown_before", trace))
         except ColmError as e:
             yield refuse(str(e))
 
     def preview(trace, threshold):
-        """Slider moving: redraw the line and mark the decisions that would flip.  No model call."""
+        """Slider moving: mark the decisions that would flip and draw the pending line.  No model call."""
         if trace is None:
             return gr.skip(), gr.skip(), ""
         if not 0.0 <= threshold <= 1.0:   # NaN passes Gradio's range check when sent through the API
             return gr.skip(), gr.skip(), f"⚠️ threshold must be a number in [0, 1], got {threshold!r}"
         if trace.policy.get("name") != "colm":
-            return (viz.highlighted(trace), viz.deferral_figure(trace, threshold),
-                    "The threshold applies to the Co-LLM policy; this answer used another policy.")
-        flipped = viz.flips(trace, threshold)
-        note = (f"{len(flipped)} decision(s) would flip at η = {threshold:.2f}; release the slider or press "
-                "*Apply threshold* to re-decode from the first one." if flipped else "")
-        return viz.highlighted(trace, flipped), viz.deferral_figure(trace, threshold, flipped), note
+            return gr.skip(), gr.skip(), "The threshold applies to the Co-LLM policy; this answer used another policy."
+        return page.view_html(trace, pending=threshold), page.preview_html(trace, threshold), ""
+
+    def select_token(trace, evt: gr.SelectData):
+        return page.details_html(trace, evt.index), evt.index
+
+    def clear_selection():
+        """A decode starts: nothing is selected in it yet."""
+        return page.NO_SELECTION, None
+
+    def export_ready(trace):
+        # The export's value stays a plain file path for API callers; only this handler switches the button.
+        return gr.DownloadButton(interactive=trace is not None)
+
+    def clear_if_redecoding(trace, threshold, max_new, stop):
+        """Let go of a new threshold: the selection belongs to the old answer, and a decode at an older
+        threshold still running is cut short (keys paused several times would otherwise queue full decodes)."""
+        if trace is None or unchanged(trace, threshold, max_new):
+            return gr.skip(), gr.skip()
+        stop_outdated(stop, threshold)
+        return clear_selection()
 
     def stop_decoding(stop):
         if stop is not None:
             stop.set()
 
     def compare(prompt, threshold, max_new):
+        """Base only, expert only and Co-LLM on one prompt, then a table to read them against each other."""
         prompt = prompt or ""
         problem = prompt_problem(prompt, max_prompt_chars)
         if problem:
             gr.Warning(problem)
-            yield (gr.skip(),) * 7 + (f"⚠️ {problem}",)
+            yield (gr.skip(),) * 8 + (f"⚠️ {problem}",)
             return
         stop = threading.Event()
-        views = [gr.skip()] * 6
+        views, done = [gr.skip()] * 6, []
         try:
             n = max_new_tokens(max_new)
+            yield (stop, *views, "", "")
             for i, policy in enumerate([Policy("base"), Policy("expert"), Policy("colm", threshold=float(threshold))]):
+                last_view = 0.0
                 for trace in decoder.stream(prompt, policy, n, stop=stop):
-                    views[2 * i:2 * i + 2] = viz.highlighted(trace), viz.summary_line(trace)
-                    yield (stop, *views, "")
+                    if time.monotonic() - last_view >= VIEW_EVERY_S:
+                        views[2 * i], last_view = page.text_html(trace), time.monotonic()
+                    views[2 * i + 1] = page.progress_line(trace, n)
+                    yield (stop, *views, gr.skip(), "")
+                views[2 * i:2 * i + 2] = page.text_html(trace), viz.summary_line(trace)
+                done.append((viz.policy_label(trace.policy), trace))
                 trace.release()  # side-by-side views are final: free their KV caches now
+            yield (stop, *views, page.compare_table(done, answers.get(prompt)), "")
         except ColmError as e:
             gr.Warning(str(e))
-            yield (stop, *views, f"⚠️ {e}")
+            yield (stop, *views, gr.skip(), f"⚠️ {e}")
 
     def show_policy_sliders(name):
         return gr.Slider(visible=name == "random"), gr.Slider(visible=name == "confidence")
@@ -256,11 +273,16 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
         # expires, and before that whenever another session needs the slot (least recently used first).
         trace_state = gr.State(None, time_to_live=STATE_TTL_S, delete_callback=release)
         stop_state = gr.State(None)
+        selected_state = gr.State(None)      # the position the details panel shows
         gr.Markdown("# Co-LLM: a small model that learns when to ask a bigger one\n"
                     f"base **{decoder.pair.base_id}** · expert **{decoder.pair.expert_id}** · "
                     f"head **{decoder.head.identity if decoder.head is not None else 'none'}** · "
                     f"engine **{engine_label(decoder)}**", elem_id="models")
         gr.Markdown(banner, visible=bool(banner), elem_id="banner")
+        with gr.Accordion("About: how Co-LLM writes an answer", open=True, elem_id="about"):
+            gr.HTML(page.ABOUT_HTML, apply_default_css=False, js_on_load=None)
+            with gr.Accordion("The maths", open=False):
+                gr.Markdown(page.ABOUT_MATHS, latex_delimiters=LATEX)
         with gr.Row():
             with gr.Column(scale=2, min_width=320):
                 prompt = gr.Textbox(label="Prompt", lines=6, max_lines=20, elem_id="prompt",
@@ -273,55 +295,69 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
                                  visible=False, elem_id="rate")
                 min_prob = gr.Slider(0, 1, value=0.5, step=0.05, visible=False, elem_id="min-prob",
                                      label="Confidence: defer when the base's top probability is below")
-                threshold = gr.Slider(0, 1, value=thr0, step=0.01, label="Deferral threshold η (Co-LLM)",
-                                      info="Drag to preview which tokens would change; release or press Apply "
-                                           "to re-decode from the first change.", elem_id="threshold")
-                apply_btn = gr.Button("Apply threshold", size="sm", elem_id="apply")
+                threshold = gr.Slider(0, 1, value=thr0, step=THRESHOLD_STEP, label="Deferral threshold η (Co-LLM)",
+                                      info="Lower η: more tokens from the expert. Drag, or use the arrow keys: the "
+                                           "pink preview shows what would change, and the answer is re-decoded "
+                                           "when you let go or stop pressing keys.", elem_id="threshold")
+                apply_btn = gr.Button("Re-decode at this η now", size="sm", elem_id="apply")
                 max_new = gr.Slider(1, 1024, value=default_max_new, step=1, label="Max new tokens", elem_id="max-new")
                 gr.Examples([[p] for _, p in examples], inputs=[prompt], example_labels=[lbl for lbl, _ in examples],
                             label="Examples")
             with gr.Column(scale=3, min_width=320):
-                answer = gr.HighlightedText(label="Answer (highlighted tokens came from the expert)",
-                                            color_map=viz.COLOR_MAP, show_legend=True, show_inline_category=False,
-                                            elem_id="answer", elem_classes="colm-answer")
+                view = gr.HTML(page.EMPTY, elem_id="view", js_on_load=page.VIEW_JS, apply_default_css=False)
                 summary = gr.Markdown(elem_id="summary")
                 note = gr.Markdown(elem_id="note")
-                chart = gr.Plot(label="p_defer per token", elem_id="chart")
-                download = gr.DownloadButton("Export trace (JSON)", elem_id="export")
+                changes = gr.HTML("", elem_id="changes", apply_default_css=False, js_on_load=None)
+                with gr.Group(elem_id="details-box"):
+                    details = gr.HTML(page.NO_SELECTION, elem_id="details", apply_default_css=False, js_on_load=None)
+                    # Actions on the selected position (selected_state) go here: "use the other model here"
+                    # (CoLLM.branch_stream) and the flags of colm.signals beside the details.
+                download = gr.DownloadButton("Export trace (JSON)", interactive=False, elem_id="export")
         with gr.Accordion("Compare: base only · expert only · Co-LLM on the same prompt", open=False):
             cmp_btn = gr.Button("Compare", elem_id="compare")
             cmp_views = []
             with gr.Row():
                 for name in ("Base only", "Expert only", "Co-LLM"):
                     with gr.Column(min_width=240):
-                        cmp_views += [gr.HighlightedText(label=name, color_map=viz.COLOR_MAP, show_legend=False,
-                                                         show_inline_category=False, elem_classes="colm-answer"),
-                                      gr.Markdown()]
-        with gr.Accordion("About Co-LLM", open=False):
-            gr.Markdown(ABOUT, latex_delimiters=LATEX)
+                        gr.Markdown(f"**{name}**")
+                        cmp_views += [gr.HTML("", apply_default_css=False, js_on_load=None), gr.Markdown()]
+            cmp_table = gr.Markdown(elem_id="compare-table")
 
-        decoded = [trace_state, stop_state, answer, chart, summary, note, download]
+        decoded = [trace_state, stop_state, view, changes, summary, note, download]
         model_call = dict(concurrency_id=MODEL, concurrency_limit=1)
+        private = dict(queue=False, api_visibility="private")
+        fresh = dict(fn=clear_selection, inputs=None, outputs=[details, selected_state], **private)
+        ready = dict(fn=export_ready, inputs=[trace_state], outputs=[download], **private)
+        letting_go = {**fresh, "fn": clear_if_redecoding, "inputs": [trace_state, threshold, max_new, stop_state]}
         gen_btn.click(generate, [prompt, policy, threshold, rate, min_prob, max_new], decoded,
-                      api_name="generate", **model_call)
-        threshold.input(preview, [trace_state, threshold], [answer, chart, note], api_name="preview",
+                      api_name="generate", **model_call).then(**ready)
+        gen_btn.click(**fresh)
+        threshold.input(preview, [trace_state, threshold], [view, changes, note], api_name="preview",
                         trigger_mode="always_last", concurrency_limit=None, show_progress="hidden")
-        threshold.release(redecode, [trace_state, threshold, max_new], decoded, api_name="redecode", **model_call)
-        # .release does not fire for arrow keys; keyboard users apply with the button (same callback).
+        # Mouse release, the number box losing focus, and (PAGE_JS) the end of arrow-key presses all land here.
+        # always_last: a release while a re-decode runs is kept and runs next, so the page ends at the slider's
+        # final value however fast it moved (the default would drop it and leave the page at an older η).
+        threshold.release(redecode, [trace_state, threshold, max_new], decoded, api_name="redecode",
+                          trigger_mode="always_last", **model_call).then(**ready)
+        threshold.release(**letting_go)
         apply_btn.click(redecode, [trace_state, threshold, max_new], decoded, api_name="apply_threshold",
-                        **model_call)
+                        **model_call).then(**ready)
+        apply_btn.click(**letting_go)
+        view.select(select_token, [trace_state], [details, selected_state], api_visibility="private",
+                    concurrency_limit=None, show_progress="hidden")
         stop_btn.click(stop_decoding, [stop_state], None, api_name="stop", concurrency_limit=None)
-        cmp_btn.click(compare, [prompt, threshold, max_new], [stop_state, *cmp_views, note], api_name="compare",
-                      **model_call)
+        cmp_btn.click(compare, [prompt, threshold, max_new], [stop_state, *cmp_views, cmp_table, note],
+                      api_name="compare", **model_call)
         policy.change(show_policy_sliders, [policy], [rate, min_prob], api_visibility="private", queue=False)
     demo.colm_export_dir = export_dir
     return demo
 
 
 def serve(demo: gr.Blocks, **launch_kwargs):
-    """Queue with one model call at a time (a shared CPU/GPU gains nothing from more) and launch with our CSS."""
+    """Queue with one model call at a time (a shared CPU/GPU gains nothing from more) and launch with the page's
+    CSS and script."""
     demo.queue(default_concurrency_limit=1)
-    return demo.launch(css=CSS, **launch_kwargs)
+    return demo.launch(css=page.CSS, js=page.PAGE_JS, **launch_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- loading page
@@ -406,6 +442,7 @@ def load(args, progress=None) -> tuple[CoLLM, str]:
     used becomes a banner, not a crash: the baseline policies still work without one."""
     from colm.head import SHIPPED_HEAD, DeferralHead, untrained_head
     from colm.engines import load_pair
+    from colm.loading import expert_server_kwargs
 
     def log(m):
         print(m, file=sys.stderr, flush=True)
@@ -414,12 +451,12 @@ def load(args, progress=None) -> tuple[CoLLM, str]:
     t0 = time.perf_counter()
     log("loading models (the very first start assembles the default pair into the cache: about 90 s)")
     pair = load_pair(args.base, args.expert, engine=args.engine, dtype=args.dtype, device=args.device,
-                     threads=args.threads, progress=log)
+                     threads=args.threads, progress=log, **expert_server_kwargs(args))
     path = args.head or (SHIPPED_HEAD if SHIPPED_HEAD.exists() and args.base == "default" else None)
     head, banner = None, ""
     if path is not None:
         try:
-            head = DeferralHead.load(path, pair.base, pair.base_id)
+            head = DeferralHead.load(path, pair.base, pair.base_id).use_engine(pair.engine)   # η for this engine
         except ColmError as e:
             banner = f"**The deferral head could not be used:** {e}"
             log(f"warning: {e}")
@@ -444,6 +481,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    add_expert_server_arguments(p)
     args = p.parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)   # `kill`, `docker stop`: close like Ctrl-C, clean up on exit

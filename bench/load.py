@@ -42,6 +42,7 @@ import httpx                # noqa: E402  (gradio's own HTTP client)
 import psutil               # noqa: E402
 from gradio_client import Client  # noqa: E402
 
+from colm.page import tokens_of  # noqa: E402
 from colm.viz import display_token  # noqa: E402
 
 POLICIES = ["colm", "random", "base", "expert", "confidence"]
@@ -161,6 +162,13 @@ def prompt_for(session: int, request: int) -> str:
     return f"[session {session}, request {request}] What is {7 * session + 3} + {11 * request + 5}? Answer briefly."
 
 
+def _html(value) -> str:
+    """A gr.HTML output as the client returns it: the markup, or an update dict holding it."""
+    if isinstance(value, dict):
+        return value.get("value") or ""
+    return value or ""
+
+
 def one_generation(client: Client, session: int, request: int, max_new: int) -> dict:
     prompt, policy = prompt_for(session, request), POLICIES[(session + request) % len(POLICIES)]
     t0 = time.perf_counter()
@@ -175,12 +183,13 @@ def one_generation(client: Client, session: int, request: int, max_new: int) -> 
         problems.append(f"trace carries another prompt: {doc['prompt'][:60]!r}")
     if doc["settings"]["policy"] != policy or doc["policy"]["name"] != policy:
         problems.append(f"trace carries another policy: {doc['policy']}")
-    page = "".join(d["token"] for d in answer)
+    page = "".join(t for _, t, _ in tokens_of(_html(answer)))     # the view's HTML: what a reader sees
     if page != "".join(display_token(s["text"]) for s in doc["steps"]):
         problems.append("page answer differs from its trace")
-    preview, _, _ = client.predict(0.5, api_name="/preview")      # the session's state still holds this answer
-    if "".join(d["token"] for d in preview) != page:
-        problems.append("session state holds another answer")
+    if policy == "colm":     # the preview (no model call) redraws the answer the session's state holds
+        preview, _, _ = client.predict(0.5, api_name="/preview")   # (other policies' answers have no preview)
+        if "".join(t for _, t, _ in tokens_of(_html(preview))) != page:
+            problems.append("session state holds another answer")
     return {"session": session, "request": request, "seconds": seconds, "tokens": len(doc["steps"]),
             "decode_seconds": doc["decode_seconds"], "problems": problems,
             "models": [doc["base_model"], doc["expert_model"], doc["head"]]}

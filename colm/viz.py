@@ -1,4 +1,5 @@
-"""Traces and results -> things a person looks at: highlighted text, Plotly figures, a summary line, JSON.
+"""Traces and results -> things a person looks at: the palette, token text made safe to show, the
+accuracy-vs-deferral figure, a summary line, JSON.  The page's own views (answer + chart, panels) are in colm.page.
 
 Knows nothing of Gradio, so the app stays a thin binding and every picture here is unit-testable.
 Colours are Okabe-Ito (colour-blind safe); figures have transparent backgrounds and mid-grey text so they read
@@ -6,24 +7,48 @@ on light and dark page themes alike.
 """
 from __future__ import annotations
 
-import html
 import json
 import math
 import unicodedata
+from dataclasses import dataclass
 
 import plotly.graph_objects as go
 
-BASE_COLOR = "#0072B2"        # Okabe-Ito blue
-EXPERT_COLOR = "#E69F00"      # Okabe-Ito orange
-FLIP_COLOR = "#CC79A7"        # Okabe-Ito reddish purple
-THRESHOLD_COLOR = "#888888"   # neutral grey: visible on white and on near-black
+
+
+@dataclass(frozen=True)
+class Colour:
+    hex: str
+    name: str        # the word the page's text uses for it: the About text and the legends say this
+
+
+# The one palette (Okabe-Ito: colour-blind safe).  Text, chart, legends and the About text all read it from here, so
+# the words and the pixels cannot drift apart.  One meaning per colour; nothing is told by hatching.
+PALETTE = {
+    "base": Colour("#0072B2", "blue"),
+    "expert": Colour("#E69F00", "orange"),
+    "flip": Colour("#CC79A7", "pink"),             # a decision a pending threshold would change (preview only)
+    "threshold": Colour("#888888", "grey"),        # neutral: visible on white and on near-black
+    "colm": Colour("#D55E00", "vermillion"),       # accuracy-vs-deferral curves
+    "random": Colour("#56B4E9", "sky blue"),
+    "confidence": Colour("#009E73", "green"),
+}
+BASE_COLOR, EXPERT_COLOR, FLIP_COLOR = PALETTE["base"].hex, PALETTE["expert"].hex, PALETTE["flip"].hex
+THRESHOLD_COLOR = PALETTE["threshold"].hex
 INK = "#888888"               # axis text; ~3.5:1 on white, ~5:1 on Gradio's dark background
 GRID = "rgba(136,136,136,0.25)"
-COLORS = {"base": BASE_COLOR, "expert": EXPERT_COLOR}
-EXPERT_LABEL, FLIP_LABEL = "expert", "would flip"
-COLOR_MAP = {EXPERT_LABEL: EXPERT_COLOR, FLIP_LABEL: FLIP_COLOR}   # for gr.HighlightedText(color_map=...)
 POLICY_NAMES = {"colm": "Co-LLM", "base": "base only", "expert": "expert only", "random": "random",
                 "confidence": "confidence"}
+
+
+def fmt_threshold(x) -> str:
+    """A threshold as people read it: 2-3 significant digits (0.1446664 -> 0.145, 0.5 -> 0.5)."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    return f"{x:.3g}" if math.isfinite(x) else str(x)
+
 
 # Characters that would reorder or hide the surrounding text if shown raw.
 _BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -62,7 +87,7 @@ def display_token(text, visible: bool = False) -> str:
     return "".join(out)
 
 
-def _label_text(step) -> str:
+def label_text(step) -> str:
     """Visible text of a step; special tokens (empty display text) fall back to the token's own spelling."""
     if step.text:
         return display_token(step.text, visible=True)
@@ -73,7 +98,7 @@ def _label_text(step) -> str:
     return f"<token {step.token_id}>"
 
 
-def _p(step) -> float | None:
+def p_of(step) -> float | None:
     p = step.p_defer
     return None if p is None or (isinstance(p, float) and math.isnan(p)) else float(p)
 
@@ -81,26 +106,11 @@ def _p(step) -> float | None:
 # ----------------------------------------------------------------------------------------------- answer
 def flips(trace, new_threshold: float) -> list[int]:
     """Positions whose Co-LLM decision would change at ``new_threshold``.  Only the first is exact: everything
-    after it will be re-decoded, so the rest are a preview of where the current trace disagrees."""
+    after it will be re-decoded, so the rest are a preview of where the current trace disagrees.  A position a
+    what-if forced is no threshold's decision: a re-decode keeps it, so it never flips."""
     return [s.position for s in trace.steps
-            if _p(s) is not None and (_p(s) > new_threshold) != (s.source == "expert")]
-
-
-def highlighted(trace, flips: list[int] | None = None) -> list[tuple[str, str | None]]:
-    """(text, label) pairs for gr.HighlightedText: "expert" for expert tokens, None for base tokens and
-    "would flip" for positions in ``flips``.  Runs of one label are merged; whitespace is kept verbatim."""
-    marked = set(flips or ())
-    out: list[tuple[str, str | None]] = []
-    for s in trace.steps:
-        text = display_token(s.text)
-        if not text:
-            continue
-        label = FLIP_LABEL if s.position in marked else EXPERT_LABEL if s.source == "expert" else None
-        if out and out[-1][1] == label:
-            out[-1] = (out[-1][0] + text, label)
-        else:
-            out.append((text, label))
-    return out
+            if p_of(s) is not None and not getattr(s, "forced", False)
+            and (p_of(s) > new_threshold) != (s.source == "expert")]
 
 
 # ----------------------------------------------------------------------------------------------- figures
@@ -119,46 +129,6 @@ def _style(fig: go.Figure, legend_rows: int = 1, **layout) -> go.Figure:
     return fig
 
 
-def _topk_line(name: str, cands) -> str:
-    if not cands:
-        return f"{name}: (not computed)"
-    parts = [f"'{html.escape(display_token(text, visible=True), quote=False)}' {p:.1%}" for _, text, p in cands]
-    return f"{name}: " + "  ".join(parts)
-
-
-def hover_text(step) -> str:
-    """Plotly hover label for one step.  Token text is HTML-escaped because Plotly reads labels as markup."""
-    p = _p(step)
-    return "<br>".join([
-        f"#{step.position} '{html.escape(_label_text(step), quote=False)}' from {step.source}",
-        f"p_defer {p:.3f}" if p is not None else "p_defer n/a",
-        _topk_line("base", step.base_topk),
-        _topk_line("expert", step.expert_topk),
-    ])
-
-
-def deferral_figure(trace, threshold: float, flips: list[int] | None = None) -> go.Figure:
-    """Bars of p_defer per generated position, coloured by source, with the threshold as a dashed line.
-    Positions in ``flips`` (a pending threshold's preview) get a hatched bar."""
-    marked = set(flips or ())
-    fig = go.Figure()
-    for source in ("base", "expert"):
-        steps = [s for s in trace.steps if s.source == source]
-        fig.add_trace(go.Bar(
-            x=[s.position for s in steps], y=[_p(s) for s in steps], name=f"from {source}",
-            marker=dict(color=COLORS[source], line=dict(width=0),
-                        pattern=dict(shape=["/" if s.position in marked else "" for s in steps],
-                                     fgcolor=FLIP_COLOR, solidity=0.5)),
-            hovertext=[hover_text(s) for s in steps], hoverinfo="text"))
-    fig.add_hline(y=threshold, line=dict(color=THRESHOLD_COLOR, dash="dash", width=2),
-                  annotation=dict(text=f"η = {threshold:.2f}", font=dict(color=INK)),
-                  annotation_position="right")
-    n = len(trace.steps)
-    return _style(fig, height=340, bargap=0.15, showlegend=True, uirevision="deferral",
-                  xaxis=dict(title="generated token position", range=[-0.5, max(n, 8) - 0.5]),
-                  yaxis=dict(title="p_defer", range=[0, 1.05]))
-
-
 def _curve(fig, points, key: str, name: str, color: str, dash: str, symbol: str) -> None:
     pts = sorted((p for p in points or () if p.get("deferral") is not None and p.get("accuracy") is not None),
                  key=lambda p: (p["deferral"], p.get(key, 0)))
@@ -169,9 +139,6 @@ def _curve(fig, points, key: str, name: str, color: str, dash: str, symbol: str)
         line=dict(color=color, dash=dash, width=2), marker=dict(symbol=symbol, size=8, color=color),
         hovertext=[f"{name}<br>{key} {p.get(key, float('nan')):.3g}<br>deferral {p['deferral']:.1%}"
                    f"<br>accuracy {p['accuracy']:.1%}" for p in pts], hoverinfo="text"))
-
-
-RANDOM_COLOR = "#56B4E9"      # Okabe-Ito sky blue
 
 
 def _random_curve(fig, points) -> None:
@@ -188,7 +155,7 @@ def _random_curve(fig, points) -> None:
     def bars(key):
         sd = [p.get(f"{key}_sd") for p in pts]
         return dict(type="data", array=[s or 0.0 for s in sd], visible=any(s is not None for s in sd),
-                    color=RANDOM_COLOR, thickness=1.5, width=4)
+                    color=PALETTE["random"].hex, thickness=1.5, width=4)
 
     def hover(p):
         text = f"{name}<br>rate {p.get('rate', float('nan')):.3g}<br>deferral {p['deferral']:.1%}"
@@ -200,14 +167,14 @@ def _random_curve(fig, points) -> None:
         return text + f"<br>accuracy {p['accuracy']:.1%}"
     fig.add_trace(go.Scatter(
         x=[p["deferral"] for p in pts], y=[p["accuracy"] for p in pts], name=name, mode="lines+markers",
-        line=dict(color=RANDOM_COLOR, dash="dash", width=2), marker=dict(symbol="square", size=8, color=RANDOM_COLOR),
+        line=dict(color=PALETTE["random"].hex, dash="dash", width=2), marker=dict(symbol="square", size=8, color=PALETTE["random"].hex),
         error_y=bars("accuracy"), error_x=bars("deferral"), legendgroup="random",
         hovertext=[hover(p) for p in pts], hoverinfo="text"))
     if seeds:
         fig.add_trace(go.Scatter(
             x=[q["deferral"] for q in seeds], y=[q["accuracy"] for q in seeds], name="random deferral, each seed",
             mode="markers", legendgroup="random", showlegend=False, opacity=0.35,
-            marker=dict(symbol="square-open", size=7, color=RANDOM_COLOR),
+            marker=dict(symbol="square-open", size=7, color=PALETTE["random"].hex),
             hovertext=[f"random, seed {q.get('seed', '?')}<br>deferral {q['deferral']:.1%}<br>accuracy "
                        f"{q['accuracy']:.1%}" for q in seeds], hoverinfo="text"))
 
@@ -216,9 +183,9 @@ def curve_figure(results: dict) -> go.Figure:
     """The paper's accuracy-vs-deferral-frequency plot from an evaluation results dict (any part optional).  Random
     deferral is the mean over its seeds with ± sd error bars, each seed's point drawn faintly behind."""
     fig = go.Figure()
-    _curve(fig, results.get("colm"), "threshold", "Co-LLM (threshold sweep)", "#D55E00", "solid", "circle")
+    _curve(fig, results.get("colm"), "threshold", "Co-LLM (threshold sweep)", PALETTE["colm"].hex, "solid", "circle")
     _random_curve(fig, results.get("random"))
-    _curve(fig, results.get("confidence"), "min_prob", "base-confidence deferral", "#009E73", "dot", "diamond")
+    _curve(fig, results.get("confidence"), "min_prob", "base-confidence deferral", PALETTE["confidence"].hex, "dot", "diamond")
     for key, name, color, dash in (("base", "base only", BASE_COLOR, "dot"), ("expert", "expert only", EXPERT_COLOR, "dash")):
         ref = results.get(key)
         if ref and ref.get("accuracy") is not None:
@@ -232,7 +199,7 @@ def curve_figure(results: dict) -> go.Figure:
     chosen = results.get("chosen")
     if chosen and chosen.get("deferral") is not None:
         fig.add_trace(go.Scatter(
-            x=[chosen["deferral"]], y=[chosen["accuracy"]], mode="markers", name=f"chosen η = {chosen['threshold']:.2f}",
+            x=[chosen["deferral"]], y=[chosen["accuracy"]], mode="markers", name=f"chosen η = {fmt_threshold(chosen['threshold'])}",
             marker=dict(symbol="star", size=18, color=FLIP_COLOR, line=dict(color=INK, width=1)), hoverinfo="name"))
     return _style(fig, legend_rows=3, height=460, xaxis=dict(title="deferral frequency (share of tokens from the expert)",
                                               tickformat=".0%", range=[-0.02, 1.02]),
@@ -243,11 +210,11 @@ def curve_figure(results: dict) -> go.Figure:
 def policy_label(policy: dict) -> str:
     name = policy.get("name", "?")
     if name == "colm":
-        return f"Co-LLM (η = {policy.get('threshold', 0.5):.2f})"
+        return f"Co-LLM (η = {fmt_threshold(policy.get('threshold', 0.5))})"
     if name == "random":
         return f"random ({policy.get('rate', 0):.0%})"
     if name == "confidence":
-        return f"confidence (min p {policy.get('min_prob', 0.5):.2f})"
+        return f"confidence (min p {fmt_threshold(policy.get('min_prob', 0.5))})"
     return POLICY_NAMES.get(name, name)
 
 
@@ -261,7 +228,8 @@ def summary_line(trace) -> str:
     if trace.reused_steps:
         parts.append(f"{trace.reused_steps} reused")
     if trace.stop_reason:
-        parts.append({"eos": "finished", "length": "hit max tokens", "cancelled": "stopped"}.get(
+        parts.append({"eos": "finished", "answer": "finished at its '#### n' line", "length": "hit max tokens",
+                                      "cancelled": "stopped"}.get(
             trace.stop_reason, trace.stop_reason))
     return " · ".join(parts)
 

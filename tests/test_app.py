@@ -1,6 +1,9 @@
 """The Gradio app on the tiny models, driven over HTTP with gradio_client (as a second program would)."""
+import html
 import json
 import os
+import re
+import threading
 import time
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -11,7 +14,7 @@ gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 import app
-from colm import viz
+from colm import page, viz
 from colm.decode import CoLLM, Policy
 from conftest import free_port, make_test_head
 
@@ -40,38 +43,62 @@ def client(url):
     return gradio_client.Client(url, verbose=False)
 
 
-def as_pairs(value):
-    return [(d["token"], d["class_or_confidence"]) for d in value]
+def shown(view: str):
+    """(position, text, writer) of every token the view shows."""
+    return page.tokens_of(view)
+
+
+def plain(html_text: str) -> str:
+    """The words of an HTML panel, tags dropped."""
+    return html.unescape(re.sub(r"<[^>]+>", "", html_text))
+
+
+def want(trace, flips=()):
+    return [(s.position, viz.display_token(s.text), "flip" if s.position in flips else s.source)
+            for s in trace.steps]
 
 
 def generate(c, prompt=PROMPT, policy="colm", threshold=0.5, rate=0.3, n=N):
-    answer, plot, summary, note, export = c.predict(prompt, policy, threshold, rate, 0.5, n, api_name="/generate")
-    return answer, plot, summary, note, export
+    view, changes, summary, note, export = c.predict(prompt, policy, threshold, rate, 0.5, n, api_name="/generate")
+    return view, changes, summary, note, export
 
 
-def shapes(plot):
-    return json.loads(plot["plot"])["layout"]["shapes"]
+def lines(view):
+    """{"applied" | "pending": threshold} for the η lines the view draws."""
+    return {m[0]: float(m[1]) / 100 for m in re.findall(r'colm-eta colm-(\w+)" style="bottom:([\d.]+)%', view)}
 
 
 # ----------------------------------------------------------------------------------------------- generate
 def test_generate_matches_decoder(url, dec):
-    answer, plot, summary, note, export = generate(client(url))
-    want = dec.generate(PROMPT, threshold=0.5, max_new_tokens=N)
-    assert as_pairs(answer) == viz.highlighted(want)
-    assert any(label == "expert" for _, label in as_pairs(answer))
-    assert summary.split(" · ")[:4] == viz.summary_line(want).split(" · ")[:4]   # policy, tokens, deferral, calls
-    assert f"{len(want.steps)} tokens" in summary and note == ""
-    assert shapes(plot)[0]["y0"] == 0.5
-    fig = json.loads(plot["plot"])
-    assert sum(len(t["x"]) for t in fig["data"]) == len(want.steps)
+    view, changes, summary, note, export = generate(client(url))
+    trace = dec.generate(PROMPT, threshold=0.5, max_new_tokens=N)
+    assert shown(view) == want(trace)
+    assert any(kind == "expert" for *_, kind in shown(view)) and any(kind == "base" for *_, kind in shown(view))
+    assert summary.split(" · ")[:4] == viz.summary_line(trace).split(" · ")[:4]   # policy, tokens, deferral, calls
+    assert f"{len(trace.steps)} tokens" in summary and note == "" and changes == ""
+    assert lines(view) == {"applied": 0.5}
+    assert view.count('class="colm-col"') == len(trace.steps)
+    assert json.loads(open(export, encoding="utf-8").read())["text"] == trace.text
 
 
 @pytest.mark.parametrize("policy, rate", [("base", 0.0), ("expert", 0.0), ("random", 0.5), ("confidence", 0.0)])
-def test_generate_other_policies(url, dec, policy, rate):
-    answer, _, summary, _, _ = generate(client(url), policy=policy, rate=rate)
-    want = dec.generate(PROMPT, policy=Policy(policy, rate=rate), max_new_tokens=N)
-    assert as_pairs(answer) == viz.highlighted(want)
-    assert summary.startswith(viz.policy_label(want.policy))
+def test_generate_other_policies_have_no_threshold_line(url, dec, policy, rate):
+    view, _, summary, _, _ = generate(client(url), policy=policy, rate=rate)
+    trace = dec.generate(PROMPT, policy=Policy(policy, rate=rate), max_new_tokens=N)
+    assert shown(view) == want(trace)
+    assert summary.startswith(viz.policy_label(trace.policy))
+    assert lines(view) == {} and "η" not in view
+
+
+def test_progress_while_decoding(url):
+    job = client(url).submit(PROMPT, "colm", 0.5, 0.3, 0.5, N, api_name="/generate")
+    job.result(timeout=60)
+    summaries = [out[2] for out in job.outputs()]
+    assert summaries[0] == "Reading the prompt…"
+    during = summaries[1:-1]
+    assert during and all(re.match(rf"Decoding… \d+ tokens of at most {N} · [\d.]+ tokens/s · ", s) for s in during)
+    assert all("s left" in s or "not known yet" in s for s in during)
+    assert "Decoding" not in summaries[-1] and "finished" in summaries[-1] or "hit max tokens" in summaries[-1]
 
 
 @pytest.mark.parametrize("prompt, words", [("", "empty"), ("   \n\t ", "empty"), ("x" * 301, "limit is 300")])
@@ -81,14 +108,14 @@ def test_bad_prompt_refused_without_model_call(url, dec, monkeypatch, prompt, wo
     c = client(url)
     _, _, _, note, _ = generate(c, prompt=prompt)
     assert words in note
-    _, _, _, _, _, _, note = c.predict(prompt, 0.5, N, api_name="/compare")
+    *_, note = c.predict(prompt, 0.5, N, api_name="/compare")
     assert words in note
     assert calls == []
 
 
 def test_unusual_characters_do_not_crash(url):
     weird = "a\x00b\x07 \u202e 🤖 é 日本 \ufffe <|im_start|>system"
-    answer, _, summary, note, export = generate(client(url), prompt=weird, n=8)
+    view, _, summary, note, export = generate(client(url), prompt=weird, n=8)
     assert note == "" and "8 tokens" in summary
     doc = json.loads(open(export, encoding="utf-8").read())
     assert doc["prompt"].startswith("a\x00b\x07") and "🤖" in doc["prompt"]
@@ -98,6 +125,21 @@ def test_colm_error_is_shown(url, dec, monkeypatch):
     monkeypatch.setattr(dec, "max_prompt_tokens", 3)
     _, _, _, note, _ = generate(client(url))
     assert "the limit is 3" in note
+
+
+def test_threshold_keeps_two_or_three_significant_digits(dec):
+    """The shipped head's η is 0.1446664: the slider (and so every label) starts at 0.145."""
+    head = make_test_head(dec.pair.base.hidden_size)
+    head.meta["threshold"] = 0.1446664
+    demo = app.build_app(CoLLM(dec.pair, head))
+    slider = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "threshold")
+    assert slider.value == 0.145 and round(slider.value / slider.step, 9) % 1 == 0    # on the slider's grid
+
+
+def test_export_is_off_until_there_is_a_trace(dec):
+    demo = app.build_app(dec)
+    button = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "export")
+    assert button.interactive is False
 
 
 # ----------------------------------------------------------------------------------------------- threshold
@@ -110,44 +152,96 @@ def first_late_flip_threshold(trace):
     pytest.fail("no threshold flips a later decision")
 
 
-def test_preview_moves_line_and_marks_flips_without_model_calls(url, dec, monkeypatch):
+def test_preview_marks_flips_without_model_calls(url, dec, monkeypatch):
     c = client(url)
     generate(c)
     trace = dec.generate(PROMPT, threshold=0.5, max_new_tokens=N)
-    thr, _ = first_late_flip_threshold(trace)
+    thr, first = first_late_flip_threshold(trace)
     monkeypatch.setattr(dec, "stream", None)           # any model call would now fail
     monkeypatch.setattr(dec, "redecode_stream", None)
-    answer, plot, note = c.predict(thr, api_name="/preview")
-    assert shapes(plot)[0]["y0"] == thr
-    assert as_pairs(answer) == viz.highlighted(trace, viz.flips(trace, thr))
-    assert "would flip" in note
+    view, changes, note = c.predict(thr, api_name="/preview")
+    assert lines(view) == {"applied": 0.5, "pending": thr}
+    assert shown(view) == want(trace, viz.flips(trace, thr))
+    assert "not decoded yet" in plain(view) and "not decoded yet" in plain(changes)
+    assert f"token #{first}" in plain(changes)
+    assert note == ""
+    view, changes, note = c.predict(0.5, api_name="/preview")     # back where it was: no preview left
+    assert lines(view) == {"applied": 0.5} and changes == "" and "not decoded" not in view
 
 
 @pytest.mark.parametrize("api", ["/redecode", "/apply_threshold"])
-def test_redecode_equals_fresh_generate(url, dec, api):
+def test_redecode_equals_fresh_generate_and_says_what_changed(url, dec, api):
     c = client(url)
     generate(c)
-    thr, first = first_late_flip_threshold(dec.generate(PROMPT, threshold=0.5, max_new_tokens=N))
-    answer, plot, summary, note, export = c.predict(thr, N, api_name=api)
+    before = dec.generate(PROMPT, threshold=0.5, max_new_tokens=N)
+    thr, first = first_late_flip_threshold(before)
+    view, changes, summary, note, export = c.predict(thr, N, api_name=api)
     fresh = dec.generate(PROMPT, threshold=thr, max_new_tokens=N)
-    assert as_pairs(answer) == viz.highlighted(fresh)
-    assert f"{first} reused" in summary and shapes(plot)[0]["y0"] == thr
+    assert shown(view) == want(fresh)
+    assert f"{first} reused" in summary and lines(view) == {"applied": thr}
+    assert f"Re-decoded at η = {viz.fmt_threshold(thr)} (was 0.5), from token #{first}" in plain(changes)
+    assert f"deferral {before.deferral_rate:.1%} → {fresh.deferral_rate:.1%}" in plain(changes)
+    assert "not decoded yet" not in view + changes                       # a result, not a preview
     doc = json.loads(open(export, encoding="utf-8").read())
     assert [s["token_id"] for s in doc["steps"]] == fresh.token_ids
     assert doc["settings"]["threshold"] == thr and doc["policy"] == {"name": "colm", "threshold": thr}
     # Keyboard path and pointer path land on the same answer, and a second re-decode still works.
     again, *_ = c.predict(0.5, N, api_name=api)
-    assert as_pairs(again) == viz.highlighted(dec.generate(PROMPT, threshold=0.5, max_new_tokens=N))
+    assert shown(again) == want(dec.generate(PROMPT, threshold=0.5, max_new_tokens=N))
 
 
-@pytest.mark.parametrize("prompt", [PROMPT, app.load_examples()[3][1]])
-def test_redecoded_text_equals_fresh_text(dec, prompt):
+def test_a_redecode_cut_short_is_compared_from_the_answer_before_it(url, dec, monkeypatch):
+    c = client(url)
+    generate(c)
+    orig = dec.redecode_stream
+
+    def slow(*a, **k):
+        for tr in orig(*a, **k):
+            time.sleep(0.05)
+            yield tr
+    monkeypatch.setattr(dec, "redecode_stream", slow)
+    job = c.submit(0.05, N, api_name="/redecode")
+    deadline = time.time() + 30
+    while len(job.outputs()) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    c.predict(api_name="/stop")
+    assert "stopped" in job.result(timeout=30)[2]
+    monkeypatch.setattr(dec, "redecode_stream", orig)
+    view, changes, summary, *_ = c.predict(0.95, N, api_name="/redecode")
+    assert "Re-decoded at η = 0.95 (was 0.5)" in plain(changes)           # not "was 0.05": that one never ended
+    assert shown(view) == want(dec.generate(PROMPT, threshold=0.95, max_new_tokens=N))
+
+
+def test_letting_go_where_it_started_runs_nothing(url, dec, monkeypatch):
+    c = client(url)
+    view0, *_ = generate(c, prompt=OTHER)
+    monkeypatch.setattr(dec, "redecode_stream", None)
+    out = c.predict(0.5, N, api_name="/redecode")
+    assert out[3] == ""                                                 # no error note: nothing ran
+    view, *_ = c.predict(0.5, api_name="/preview")
+    assert shown(view) == shown(view0)
+
+
+@pytest.mark.parametrize("running, let_go_at, stopped", [
+    (app.ThresholdStop(0.2), 0.3, True),        # a decode at an older threshold: cut short, the new one follows
+    (app.ThresholdStop(0.3), 0.3, False),       # the decode of this very threshold
+    (threading.Event(), 0.3, False),            # Compare's decodes, or another policy's
+    (None, 0.3, False),
+])
+def test_a_newer_threshold_cuts_short_only_an_outdated_answer_decode(running, let_go_at, stopped):
+    app.stop_outdated(running, let_go_at)
+    assert (running is not None and running.is_set()) == stopped
+
+
+@pytest.mark.parametrize("label", ["Algebra", "Coding"])
+def test_redecoded_text_equals_fresh_text(dec, label):
     # Tokens the tiny models emit are often byte pieces of one character; a re-decode that branches between
     # them must still show each step's text as a fresh decode does (the page shows step texts, not ids).
+    prompt = dict(app.load_examples())[label]
     for thr in [i / 10 for i in range(11)]:
         old = dec.generate(prompt, threshold=0.5, max_new_tokens=N)
-        re, fresh = dec.redecode(old, thr, N), dec.generate(prompt, threshold=thr, max_new_tokens=N)
-        assert [(s.token_id, s.text) for s in re.steps] == [(s.token_id, s.text) for s in fresh.steps]
+        re_, fresh = dec.redecode(old, thr, N), dec.generate(prompt, threshold=thr, max_new_tokens=N)
+        assert [(s.token_id, s.text) for s in re_.steps] == [(s.token_id, s.text) for s in fresh.steps]
 
 
 def test_redecode_needs_a_colm_trace(url):
@@ -163,9 +257,9 @@ def test_redecode_needs_a_colm_trace(url):
 def test_export_json(url, dec):
     *_, export = generate(client(url), prompt=OTHER)
     doc = json.loads(open(export, encoding="utf-8").read())
-    want = dec.generate(OTHER, threshold=0.5, max_new_tokens=N)
-    assert doc["prompt"] == OTHER and doc["text"] == want.text
-    assert len(doc["steps"]) == len(want.steps) and doc["steps"][0]["base_topk"]
+    trace = dec.generate(OTHER, threshold=0.5, max_new_tokens=N)
+    assert doc["prompt"] == OTHER and doc["text"] == trace.text
+    assert len(doc["steps"]) == len(trace.steps) and doc["steps"][0]["base_topk"]
     assert doc["settings"]["max_new_tokens"] == N and doc["settings"]["policy"] == "colm"
     assert (doc["base_model"], doc["expert_model"], doc["head"]) == ("tiny-base", "tiny-expert", "random-test-head")
 
@@ -174,20 +268,44 @@ def test_sessions_keep_separate_traces(url, dec):
     a, b = client(url), client(url)
     generate(a, prompt=PROMPT)
     generate(b, prompt=OTHER, policy="base")
-    ans_a, *_ = a.predict(0.5, api_name="/preview")
-    ans_b, _, note_b = b.predict(0.5, api_name="/preview")
-    assert as_pairs(ans_a) == viz.highlighted(dec.generate(PROMPT, threshold=0.5, max_new_tokens=N))
-    assert as_pairs(ans_b) == viz.highlighted(dec.generate(OTHER, policy=Policy("base"), max_new_tokens=N))
+    view_a, *_ = a.predict(0.3, api_name="/preview")
+    _, _, note_b = b.predict(0.3, api_name="/preview")
+    trace = dec.generate(PROMPT, threshold=0.5, max_new_tokens=N)
+    assert shown(view_a) == want(trace, viz.flips(trace, 0.3))
     assert "another policy" in note_b
 
 
-def test_compare(url, dec):
-    out = client(url).predict(PROMPT, 0.5, N, api_name="/compare")
-    for (ans, summary), policy in zip([out[0:2], out[2:4], out[4:6]],
-                                      [Policy("base"), Policy("expert"), Policy("colm", threshold=0.5)]):
-        want = dec.generate(PROMPT, policy=policy, max_new_tokens=N)
-        assert as_pairs(ans) == viz.highlighted(want)
-        assert summary.startswith(viz.policy_label(want.policy))
+def compare(c, prompt, threshold=0.5, n=N):
+    *columns, table, note = c.predict(prompt, threshold, n, api_name="/compare")
+    return columns, table, note
+
+
+def test_compare_ends_with_a_table(url, dec):
+    columns, table, note = compare(client(url), PROMPT)
+    rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith("| policy")]
+    assert note == "" and len(rows) == 3
+    for (view, summary), row, policy in zip([columns[0:2], columns[2:4], columns[4:6]], rows,
+                                            [Policy("base"), Policy("expert"), Policy("colm", threshold=0.5)]):
+        trace = dec.generate(PROMPT, policy=policy, max_new_tokens=N)
+        assert [(t, k) for _, t, k in shown(view)] == [(viz.display_token(s.text), s.source) for s in trace.steps
+                                                      if s.text]
+        assert summary.startswith(viz.policy_label(trace.policy))
+        cells = [x.strip() for x in row.strip("|").split("|")]
+        assert cells[0] == viz.policy_label(trace.policy) and cells[2] == "—"     # not an example: no known answer
+        assert cells[3] == str(len(trace.steps)) and cells[4] == f"{trace.deferral_rate:.1%}"
+        assert cells[1] == f"`{page.final_answer(trace.text)}`" or cells[1] == "`—`"
+    assert "No known answer" in table
+
+
+def test_compare_marks_a_shipped_example_right_or_wrong(url, dec):
+    prompt = dict(app.load_examples())["Algebra"]
+    _, table, _ = compare(client(url), prompt)
+    rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith("| policy")]
+    marks = [r.split("|")[3].strip() for r in rows]
+    texts = [dec.generate(prompt, policy=p, max_new_tokens=N).text
+             for p in (Policy("base"), Policy("expert"), Policy("colm", threshold=0.5))]
+    assert marks == ["✓ yes" if page.final_answer(t) == "3125" else "✗ no" for t in texts]
+    assert "The known answer is **3125**." in table
 
 
 # ----------------------------------------------------------------------------------------------- stop
@@ -205,15 +323,15 @@ def test_stop_cancels_and_next_request_works(url, dec, monkeypatch):
     while len(job.outputs()) < 3 and time.time() < deadline:
         time.sleep(0.05)
     c.predict(api_name="/stop")
-    answer, plot, summary, note, export = job.result(timeout=30)
+    view, changes, summary, note, export = job.result(timeout=30)
     assert "stopped" in summary
     n = int(summary.split(" tokens")[0].split(" · ")[-1])
     assert 0 < n < 400
     assert len(json.loads(open(export, encoding="utf-8").read())["steps"]) == n
     monkeypatch.setattr(dec, "stream", orig)
-    answer, _, summary, _, _ = generate(c)
+    view, _, summary, _, _ = generate(c)
     assert "stopped" not in summary
-    assert as_pairs(answer) == viz.highlighted(dec.generate(PROMPT, threshold=0.5, max_new_tokens=N))
+    assert shown(view) == want(dec.generate(PROMPT, threshold=0.5, max_new_tokens=N))
 
 
 def test_examples_wrap_word_problems_with_the_instruction():
@@ -224,6 +342,14 @@ def test_examples_wrap_word_problems_with_the_instruction():
     word = [p for p in ex.values() if p.endswith("\n\n" + INSTRUCTION)]
     assert len(word) >= 3
     assert any("def " in p or "Python" in p for p in ex.values() if not p.endswith(INSTRUCTION))
+
+
+def test_every_word_problem_example_has_its_known_answer():
+    from colm.data import INSTRUCTION
+    answers = app.example_answers()
+    word = {p for _, p in app.load_examples() if p.endswith(INSTRUCTION)}
+    assert set(answers) == word
+    assert answers[dict(app.load_examples())["Algebra"]] == "3125"      # 5^3 · 5^2 = 5^5
 
 
 # ----------------------------------------------------------------------------------------------- loading page

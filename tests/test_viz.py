@@ -1,8 +1,8 @@
 """colm.viz without Gradio: hand-built traces in, figures and records out."""
 import json
+import re
 import sys
 
-import plotly.graph_objects as go
 import pytest
 
 from colm import viz
@@ -54,26 +54,7 @@ def test_display_token_odd_inputs():
     assert viz.display_token(12) == "12"
 
 
-# ----------------------------------------------------------------------------------------------- highlighted / flips
-def test_highlighted_labels_merge_and_keep_whitespace():
-    tr = make_trace()
-    pairs = viz.highlighted(tr)
-    assert pairs == [("Hello", None), (" world\n", "expert"), ("\tx = 1  ", None)]
-    assert "".join(t for t, _ in pairs) == tr.text
-
-
-def test_highlighted_marks_flips_over_source():
-    pairs = viz.highlighted(make_trace(), flips=[1, 3])
-    assert pairs == [("Hello", None), (" world", "would flip"), ("\n", "expert"), ("\tx = 1", "would flip"),
-                     ("  ", None)]
-
-
-def test_highlighted_escapes_control_characters():
-    tr = make_trace()
-    tr.steps[0].text = "a\x07\u202eb"
-    assert viz.highlighted(tr)[0] == ("a\\x07\\u202eb", None)
-
-
+# ----------------------------------------------------------------------------------------------- flips
 @pytest.mark.parametrize("threshold, want", [
     (0.5, []),                 # the trace's own threshold: nothing changes
     (0.4, [3]),                # 0.45 now defers
@@ -85,78 +66,39 @@ def test_flips(threshold, want):
     assert viz.flips(make_trace(), threshold) == want
 
 
+def test_flips_skip_forced_positions():
+    tr = make_trace()
+    tr.steps[3].forced = True                  # a what-if put the base there: no threshold moves it
+    assert viz.flips(tr, 0.4) == []
+
+
 def test_flips_skip_positions_without_head():
     tr = make_trace()
     tr.steps[0].p_defer = float("nan")
     assert 0 not in viz.flips(tr, 0.0)
 
 
-# ----------------------------------------------------------------------------------------------- deferral figure
-def bars(fig):
-    return {t.name: t for t in fig.data if isinstance(t, go.Bar)}
+# ----------------------------------------------------------------------------------------------- palette, numbers
+def test_one_palette_of_named_distinct_colours():
+    hexes = [c.hex.upper() for c in viz.PALETTE.values()]
+    assert len(set(hexes)) == len(hexes) and all(re.fullmatch(r"#[0-9A-F]{6}", h) for h in hexes)
+    names = [c.name for c in viz.PALETTE.values()]
+    assert len(set(names)) == len(names)
+    # Okabe-Ito: the colour-blind-safe set every page colour is taken from
+    okabe_ito = {"#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"}
+    assert set(hexes) - {viz.PALETTE["threshold"].hex} <= okabe_ito
+    assert (viz.BASE_COLOR, viz.EXPERT_COLOR, viz.FLIP_COLOR) == tuple(viz.PALETTE[k].hex for k in ("base", "expert", "flip"))
 
 
-@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.93, 1.0])
-def test_deferral_figure_threshold_line(threshold):
-    fig = viz.deferral_figure(make_trace(), threshold)
-    (line,) = fig.layout.shapes
-    assert line.y0 == line.y1 == threshold
-    assert line.line.dash == "dash"
-    assert f"{threshold:.2f}" in fig.layout.annotations[0].text
-
-
-def test_deferral_figure_bars_by_source():
-    fig = viz.deferral_figure(make_trace(), 0.5)
-    b = bars(fig)
-    assert list(b["from base"].x) == [0, 3, 4] and list(b["from base"].y) == [0.1, 0.45, 0.2]
-    assert list(b["from expert"].x) == [1, 2, 5] and list(b["from expert"].y) == [0.8, 0.7, 0.9]
-    assert b["from base"].marker.color == viz.BASE_COLOR == "#0072B2"
-    assert b["from expert"].marker.color == viz.EXPERT_COLOR
-    assert fig.layout.yaxis.range == (0, 1.05)
-
-
-def test_deferral_figure_hover_has_token_and_topk():
-    fig = viz.deferral_figure(make_trace(), 0.5)
-    b = bars(fig)
-    h_world = b["from expert"].hovertext[0]
-    assert "#1 '·world' from expert" in h_world
-    assert "p_defer 0.800" in h_world
-    assert "base: '·world' 60.0%  '·the' 25.0%  '&lt;b&gt;' 10.0%" in h_world   # markup escaped
-    assert "expert: '·world' 90.0%  '⏎' 5.0%" in h_world
-    h_nl = b["from expert"].hovertext[1]
-    assert "'⏎' from expert" in h_nl
-    assert "expert: (not computed)" in b["from base"].hovertext[2]           # position 4 has no expert view
-    assert "'·the'" in b["from base"].hovertext[2]
-
-
-def test_deferral_figure_special_token_label_falls_back_to_topk_text():
-    tr = make_trace()
-    tr.steps[5].base_topk = [(2, "<|im_end|>", 0.5)]
-    hover = bars(viz.deferral_figure(tr, 0.5))["from expert"].hovertext[2]
-    assert "#5 '&lt;|im_end|&gt;' from expert" in hover
-
-
-def test_deferral_figure_marks_flips():
-    fig = viz.deferral_figure(make_trace(), 0.4, flips=[3])
-    b = bars(fig)
-    assert list(b["from base"].marker.pattern.shape) == ["", "/", ""]
-    assert list(b["from expert"].marker.pattern.shape) == ["", "", ""]
-
-
-def test_deferral_figure_nan_p_and_empty_trace():
-    tr = make_trace({"name": "base"})
-    tr.steps[0].p_defer = float("nan")
-    fig = viz.deferral_figure(tr, 0.5)
-    assert bars(fig)["from base"].y[0] is None
-    assert "p_defer n/a" in bars(fig)["from base"].hovertext[0]
-    empty = Trace("x", [1], {"name": "colm", "threshold": 0.5})
-    fig = viz.deferral_figure(empty, 0.2)
-    assert fig.layout.shapes[0].y0 == 0.2
-    fig.to_json()
+@pytest.mark.parametrize("x, shown", [(0.1446664, "0.145"), (0.5, "0.5"), (0.05, "0.05"), (1.0, "1"), (0.0, "0"),
+                                      (0.30000000000000004, "0.3"), (0.995, "0.995"), ("x", "x"),
+                                      (float("nan"), "nan")])
+def test_fmt_threshold_keeps_two_or_three_significant_digits(x, shown):
+    assert viz.fmt_threshold(x) == shown
 
 
 def test_figures_are_theme_neutral():
-    for fig in (viz.deferral_figure(make_trace(), 0.5), viz.curve_figure(RESULTS)):
+    for fig in (viz.curve_figure(RESULTS),):
         assert fig.layout.paper_bgcolor == fig.layout.plot_bgcolor == "rgba(0,0,0,0)"
         assert fig.layout.font.color == viz.INK
 
@@ -195,7 +137,7 @@ def test_curve_figure_traces():
     assert list(by["expert only"].y) == [0.55, 0.55]
     star = next(t for t in fig.data if t.name.startswith("chosen"))
     assert (star.x[0], star.y[0]) == (0.2, 0.47) and star.marker.symbol == "star"
-    assert "0.50" in star.name
+    assert star.name == "chosen η = 0.5"
     # Colour-blind safety does not rest on colour alone: every curve has its own dash and marker.
     curves = [by["Co-LLM"], by["random deferral"], by["base-confidence deferral"]]
     assert len({(c.line.dash, c.marker.symbol) for c in curves}) == 3
@@ -246,13 +188,24 @@ def test_curve_figure_empty():
 # ----------------------------------------------------------------------------------------------- summary / json
 def test_summary_line():
     s = viz.summary_line(make_trace())
-    for want in ("Co-LLM (η = 0.50)", "6 tokens", "deferral 50.0% (3 from the expert)", "3 expert calls",
+    for want in ("Co-LLM (η = 0.5)", "6 tokens", "deferral 50.0% (3 from the expert)", "3 expert calls",
                  "3.0 tokens/s", "2.00 s", "finished"):
         assert want in s
     tr = make_trace({"name": "random", "rate": 0.3, "seed": 0})
     tr.reused_steps, tr.stop_reason = 2, "cancelled"
     s = viz.summary_line(tr)
     assert s.startswith("random (30%)") and "2 reused" in s and "stopped" in s and "2.0 tokens/s" in s
+
+
+@pytest.mark.parametrize("threshold, shown", [(0.1446664, "η = 0.145"), (0.05, "η = 0.05")])
+def test_summary_line_threshold_digits(threshold, shown):
+    assert viz.summary_line(make_trace({"name": "colm", "threshold": threshold})).startswith(f"Co-LLM ({shown})")
+
+
+def test_summary_line_names_the_answer_line_stop():
+    tr = make_trace()
+    tr.stop_reason = "answer"
+    assert viz.summary_line(tr).endswith("finished at its '#### n' line")
 
 
 def test_summary_line_empty_trace():

@@ -104,6 +104,10 @@ class LlamaCppEngine:
         cp.n_threads = cp.n_threads_batch = int(threads)
         cp.pooling_type = L.LLAMA_POOLING_TYPE_NONE
         cp.kv_unified = True          # every row may use any cell: one long answer or many short ones
+        # Flash attention's CPU kernel accumulates in f16 over the shared cells in chunks, so a row's logits moved by
+        # up to 0.3 when other rows held cells (P(top) 0.33 -> 0.31 at a first token): answers depended on other
+        # sessions.  Without it a row's numbers are exactly its own, at the same speed here.
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.embeddings = False
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
