@@ -142,7 +142,7 @@ def test_details_say_who_wrote_it_why_and_both_top_k():
     assert "the base model's top candidates" in t.text and "the expert's top candidates" in t.text
     chosen = [a for tag, a in t.tags if tag == "tr" and a.get("class") == "colm-chosen"]
     assert len(chosen) == 2 and t.text.count("← written") == 2       # the token in both lists
-    assert "has not read this position" in Tags(page.details_html(tr, 4)).text
+    assert "top candidates are not known here" in Tags(page.details_html(tr, 4)).text
 
 
 @pytest.mark.parametrize("pos", [None, -1, 6, 100])

@@ -464,3 +464,28 @@ def test_four_sessions_against_one_real_server_do_not_mix(real_server):
                 tk = tr.steps[n].expert_topk
                 assert abs(torch.log(torch.tensor(tk[0][2] / tk[1][2]))) < 0.5, (p, n, tr.token_ids, tk[:2])
                 assert all(tr.token_ids != want[q] for q in prompts if q != p)     # not another session's answer
+
+
+def test_the_page_with_a_remote_expert(pair, server):
+    """The page on a pair whose expert is a server: the answer, its view, a re-decode at another threshold and
+    Compare all come out as the same decoder gives them directly; the header names the server."""
+    import gradio_client
+    import app
+    from colm import page
+    dec = CoLLM(remote_pair(pair, server), make_test_head(pair.base.hidden_size))
+    demo = app.build_app(dec, default_max_new=12)
+    port = free_port()
+    app.serve(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        c = gradio_client.Client(f"http://127.0.0.1:{port}", verbose=False)
+        view, *_ = c.predict("the cat sat on", "colm", 0.5, 0.3, 0.5, 12, api_name="/generate")
+        tr = dec.generate("the cat sat on", threshold=0.5, max_new_tokens=12)
+        assert [k for *_, k in page.tokens_of(view)] == [s.source for s in tr.steps] and "expert" in str(view)
+        view, *_ = c.predict(0.2, 12, api_name="/redecode")
+        fresh = dec.generate("the cat sat on", threshold=0.2, max_new_tokens=12)
+        assert [k for *_, k in page.tokens_of(view)] == [s.source for s in fresh.steps]
+        out = c.predict("the cat sat on", 0.5, 12, api_name="/compare")
+        assert out[-1] == "" and "|" in out[-2]            # no error note; the summary table
+        assert any(server.url in str(comp.get("props", {})) for comp in demo.config["components"])   # the header
+    finally:
+        demo.close()

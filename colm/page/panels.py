@@ -40,8 +40,9 @@ def details_html(trace, position) -> str:
     if s.expert_topk:
         tables.append(_topk_table("the expert's top candidates", s.expert_topk, s.token_id, viz.PALETTE["expert"].hex))
     else:
-        tables.append('<p class="colm-muted">The expert has not read this position: it runs only when a token is '
-                      'deferred, and reads what it missed then.</p>')
+        tables.append('<p class="colm-muted">The expert\'s top candidates are not known here: the expert runs only '
+                      'when a token is deferred.  On llama.cpp and on an expert server its view is kept for the '
+                      'deferred tokens only; on torch also for the tokens it caught up on then.</p>')
     return (f'<div class="colm-details">{head}<p>Why: {_e(why(s, trace.policy))}.</p>'
             f'<div class="colm-topks">{"".join(tables)}</div></div>')
 
