@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,8 @@ def normalize_number(s: str) -> str | None:
     try:
         v = float(s)
     except ValueError:
+        return None
+    if not math.isfinite(v):      # a run of digits past 1e308 (a model stuck repeating "9"): no answer
         return None
     return str(int(v)) if v == int(v) else repr(v)
 

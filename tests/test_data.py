@@ -82,3 +82,9 @@ def test_select_names_the_parts_of_the_protocol(which, n):
     rows = read_jsonl(DEFAULT_DATA)
     assert len(select(rows, which)) == (n or len(rows))
     assert len(select(rows, "train")) == len(rows) - 600
+
+
+def test_an_endless_number_is_no_answer_not_a_crash():
+    """A model stuck repeating a digit wrote '#### 999…' past 1e308: the evaluation crashed on float('inf')."""
+    assert extract_answer("#### " + "9" * 400) is None
+    assert is_correct("#### " + "9" * 400, "9") is False
