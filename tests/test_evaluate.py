@@ -295,7 +295,7 @@ def test_a_run_file_without_a_manifest_is_not_trusted(pair, tmp_path):
 def test_rollouts_cli_refuses_other_settings_and_restarts(pair_dirs, tmp_path, capsys):
     data = tmp_path / "gsm.jsonl"
     data.write_text("".join(json.dumps({"question": f"Tom has {i} apples. How many?", "answer": f"#### {i}"}) + "\n"
-                            for i in range(8)))
+                            for i in range(10)))        # two dev halves of 2, six to train on
     out = tmp_path / "base-train.jsonl"
 
     def rollouts(limit, max_new, *more):
