@@ -317,13 +317,7 @@ class CoLLM(Branching):
                   if not s.forced and (s.p_defer > policy.threshold) != (s.source == "expert")), len(trace.steps))
         t = min(t, max_new_tokens)   # never keep more steps than asked for, wherever the first flip lies
         t0 = time.perf_counter()
-        keep = st.prompt_lens[0] + t
-        with self._lock, torch.inference_mode():
-            self.pair.base.crop(st.base_rows, [keep - 1])
-            self.pair.expert.crop(st.expert_rows, [min(st.expert_rows.lengths[0], keep - 1)])
-            st.seqs[0] = st.seqs[0][:keep]
-            out = self._roomy(self.pair.base.feed, st.base_rows, [[st.seqs[0][-1]]], keep=1, hidden=True)
-        st.h, st.logits = out.hidden, out.logits[0][-1:].clone()
+        self._crop_to(st, t)          # crop to t and continue: the primitive branch and resume use too
         st.force = [{}]
         tr = self._new_trace(trace.prompt, trace.prompt_ids, policy)
         tr.steps = [Step(**asdict(s)) for s in trace.steps[:t]]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ColmError
-from . import Interrupted, Out, check_crop
+from . import Interrupted, Out, check_crop, check_feed
 from .servers import ADAPTERS, APIS, TEXT_ONLY, RemoteExpertError, _sglang_request, _vllm_request  # noqa: F401
 
 PROBES = ("What is a^3 * a^2 if a = 5?  12,345.50\n\n\tdef f(x):\n    return x**2",
@@ -199,15 +199,7 @@ class RemoteEngine:
         """tokens: B lists (ragged) -> Out(topk=[(probs [keep_b, k], ids [keep_b, k]) or None per row])."""
         if hidden:
             raise ColmError("the remote engine serves the expert only (the base's hidden state stays local)")
-        if len(tokens) != len(rows.seqs):
-            raise ColmError(f"feed got {len(tokens)} token lists for {len(rows.seqs)} rows")
-        keep = [keep] * len(tokens) if isinstance(keep, int) else list(keep)
-        for b, (t, k) in enumerate(zip(tokens, keep)):
-            if t and not 0 < k <= len(t):
-                raise ColmError(f"row {b}: keep={k} outside 1..{len(t)} new tokens")
-            if len(rows.seqs[b]) + len(t) > self.n_ctx:
-                raise ColmError(f"the answer needs {len(rows.seqs[b]) + len(t)} tokens; the expert server's "
-                                f"context is {self.n_ctx}")
+        keep = check_feed(self, rows, tokens, keep)     # the engines' one feed check (rows, keep, ids, context)
         self._cancel.clear()
         jobs = {b: self._pool.submit(self._ask, rows.seqs[b] + [int(x) for x in t], k)
                 for b, (t, k) in enumerate(zip(tokens, keep)) if t}
