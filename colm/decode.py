@@ -70,7 +70,10 @@ class CoLLM(Branching):
     # -- prompts ------------------------------------------------------------------------------------------
     def encode(self, prompt, chat: bool | None = None) -> list[int]:
         """Chat messages (or a str, wrapped as one user message) -> token ids; see colm.prompts."""
-        return encode_prompt(self.pair.tokenizer, prompt, chat, self.max_prompt_tokens)
+        # Under the decoder's lock: with encodes from several threads at once, the four-sessions test against a fake
+        # server got a wrong first answer about one run in three (the shared HF tokenizer is the suspect); never since.
+        with self._lock:
+            return encode_prompt(self.pair.tokenizer, prompt, chat, self.max_prompt_tokens)
 
     def check_room(self, prompt_len: int, max_new_tokens: int) -> None:
         """Refuse a request that would run past either model's context window."""

@@ -269,7 +269,8 @@ def test_concurrent_sessions_do_not_mix(pair, server):
     threads = [threading.Thread(target=session, args=(p,)) for p in want]
     [t.start() for t in threads]
     [t.join(60) for t in threads]
-    assert not errors and all(got[p] == [want[p]] * 5 for p in want)
+    bad = {p: (want[p], got.get(p)) for p in want if got.get(p) != [want[p]] * 5}
+    assert not errors and not bad, (errors, bad)
 
 
 def test_a_batch_asks_for_its_rows_concurrently(pair, server):
