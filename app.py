@@ -143,9 +143,10 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
         path.write_text(viz.trace_json(trace, settings), encoding="utf-8")
         return str(path)
 
-    def render(traces, settings: dict, stop: threading.Event, before=None):
+    def render(traces, settings: dict, stop: threading.Event, before=None, changes=page.changes_html):
         """Stream a growing trace: progress every token, the view at most every VIEW_EVERY_S, and at the end the
-        whole view, the summary, what changed (after a re-decode) and the export file."""
+        whole view, the summary, what changed (``changes(before, trace)`` after a re-decode or a what-if) and
+        the export file."""
         max_new = settings["max_new_tokens"]
         # Stop works from here on; the export is off until this decode has a file of its own.
         off = gr.DownloadButton(interactive=False)
@@ -160,7 +161,7 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
         if trace is not None:
             if before is not None and trace.stop_reason == "cancelled":
                 trace.shown_before = before   # the next re-decode compares with the answer before this cut one
-            yield (trace, stop, page.view_html(trace), page.changes_html(before, trace) if before is not None else "",
+            yield (trace, stop, page.view_html(trace), changes(before, trace) if before is not None else "",
                    viz.summary_line(trace), "", export(trace, settings))
 
     def refuse(message: str):
@@ -214,12 +215,18 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
             return gr.skip(), gr.skip(), "The threshold applies to the Co-LLM policy; this answer used another policy."
         return page.view_html(trace, pending=threshold), page.preview_html(trace, threshold), ""
 
+    def what_if_button(trace, position):
+        """The what-if button names the model it would switch to; it is live only for an answer that kept its
+        decode state (a finished or stopped answer of this session, not one already branched from)."""
+        live = trace is not None and position is not None and getattr(trace, "state", None) is not None
+        return gr.Button(page.branch_label(trace, position), interactive=live)
+
     def select_token(trace, evt: gr.SelectData):
-        return page.details_html(trace, evt.index), evt.index
+        return page.details_html(trace, evt.index), evt.index, what_if_button(trace, evt.index)
 
     def clear_selection():
         """A decode starts: nothing is selected in it yet."""
-        return page.NO_SELECTION, None
+        return page.NO_SELECTION, None, what_if_button(None, None)
 
     def export_ready(trace):
         # The export's value stays a plain file path for API callers; only this handler switches the button.
@@ -229,9 +236,32 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
         """Let go of a new threshold: the selection belongs to the old answer, and a decode at an older
         threshold still running is cut short (keys paused several times would otherwise queue full decodes)."""
         if trace is None or unchanged(trace, threshold, max_new):
-            return gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip()
         stop_outdated(stop, threshold)
         return clear_selection()
+
+    def what_if(trace, position, max_new):
+        """"Use the other model here": the selected token is written by the other model and the answer continues
+        from the cached prefix under the same policy (CoLLM.branch_stream); a later threshold change keeps the
+        forced token only if it lies before the first changed decision (colm.branch)."""
+        if trace is None or position is None:
+            yield refuse("Click a token of an answer first; the other model then writes it.")
+            return
+        position = int(position)
+        if not 0 <= position < len(trace.steps):
+            yield refuse(f"Token #{position} is not part of this answer.")
+            return
+        source = page.panels.other_source(trace.steps[position])
+        stop = threading.Event()
+        try:
+            n = max_new_tokens(max_new)
+            settings = {"policy": trace.policy.get("name"), **{k: v for k, v in trace.policy.items() if k != "name"},
+                        "max_new_tokens": n, "what_if": {"position": position, "source": source}}
+            stream = decoder.branch_stream(trace, position, source, n, stop)
+            yield from render(stream, settings, stop, before=trace,
+                              changes=lambda b, a: page.branch_html(b, a, position))
+        except ColmError as e:
+            yield refuse(str(e))
 
     def stop_decoding(stop):
         if stop is not None:
@@ -310,8 +340,8 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
                 changes = gr.HTML("", elem_id="changes", apply_default_css=False, js_on_load=None)
                 with gr.Group(elem_id="details-box"):
                     details = gr.HTML(page.NO_SELECTION, elem_id="details", apply_default_css=False, js_on_load=None)
-                    # Actions on the selected position (selected_state) go here: "use the other model here"
-                    # (CoLLM.branch_stream) and the flags of colm.signals beside the details.
+                    branch_btn = gr.Button(page.branch_label(None, None), size="sm", interactive=False,
+                                           elem_id="branch")
                 download = gr.DownloadButton("Export trace (JSON)", interactive=False, elem_id="export")
         with gr.Accordion("Compare: base only · expert only · Co-LLM on the same prompt", open=False):
             cmp_btn = gr.Button("Compare", elem_id="compare")
@@ -326,7 +356,7 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
         decoded = [trace_state, stop_state, view, changes, summary, note, download]
         model_call = dict(concurrency_id=MODEL, concurrency_limit=1)
         private = dict(queue=False, api_visibility="private")
-        fresh = dict(fn=clear_selection, inputs=None, outputs=[details, selected_state], **private)
+        fresh = dict(fn=clear_selection, inputs=None, outputs=[details, selected_state, branch_btn], **private)
         ready = dict(fn=export_ready, inputs=[trace_state], outputs=[download], **private)
         letting_go = {**fresh, "fn": clear_if_redecoding, "inputs": [trace_state, threshold, max_new, stop_state]}
         gen_btn.click(generate, [prompt, policy, threshold, rate, min_prob, max_new], decoded,
@@ -343,8 +373,13 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
         apply_btn.click(redecode, [trace_state, threshold, max_new], decoded, api_name="apply_threshold",
                         **model_call).then(**ready)
         apply_btn.click(**letting_go)
-        view.select(select_token, [trace_state], [details, selected_state], api_visibility="private",
+        view.select(select_token, [trace_state], [details, selected_state, branch_btn], api_visibility="private",
                     concurrency_limit=None, show_progress="hidden")
+        # The selection is read by what_if and cleared only after it (the new answer has a new view); meanwhile
+        # the button is off, so a second click cannot queue a branch of the answer being written.
+        branch_btn.click(what_if, [trace_state, selected_state, max_new], decoded, api_name="what_if",
+                         **model_call).then(**ready).then(**fresh)
+        branch_btn.click(lambda: gr.Button(interactive=False), None, [branch_btn], **private)
         stop_btn.click(stop_decoding, [stop_state], None, api_name="stop", concurrency_limit=None)
         cmp_btn.click(compare, [prompt, threshold, max_new], [stop_state, *cmp_views, cmp_table, note],
                       api_name="compare", **model_call)

@@ -7,8 +7,9 @@ Starts ``app.py`` as a user does (loading page included) in its own process, dri
 times each step from the user's action to what they wait for: the demo page; an example to its final answer at the
 default length; a hover box over the lowest bar; a click on a token to its details; the threshold by arrow keys,
 by mouse, and by keys back, each to its re-decoded answer (the keys' time includes the page's 0.5 s wait for the
-keys to stop); Compare to its table; Export to the downloaded file.  Writes bench/out/page_timings.json and prints
-a Markdown table.  Nothing here asserts a speed; the flow's correctness is tests/test_browser.py's.
+keys to stop); a what-if at a token near the end to its continued answer; Compare to its table; Export to the
+downloaded file.  Writes bench/out/page_timings.json and prints a Markdown table.  Nothing here asserts a speed;
+the flow's correctness is tests/test_browser.py's.
 """
 from __future__ import annotations
 
@@ -126,6 +127,17 @@ def run_flow(page, url: str, a, started: float) -> list[dict]:
     step(f"threshold by mouse to about {fmt(a.mouse_to)}, re-decoded", mouse)
     step(f"threshold by arrow keys back to {fmt(a.keys_to)}, re-decoded", keys(a.keys_to))
     rows[-1]["same_answer_as_the_keys_before"] = page.inner_text("#view .colm-text") == answer
+
+    def what_if():
+        # The last token with text eight tokens before the end: a short continuation, as a user inspecting the
+        # final line would choose.
+        pos = page.evaluate("(() => { const t = Array.from(document.querySelectorAll('#view .colm-tok'))"
+                            ".slice(0, -8).filter(e => e.textContent.trim()); return t[t.length - 1].dataset.i; })()")
+        page.click(f"#view .colm-tok[data-i='{pos}']")
+        page.click("#branch:not([disabled])")
+        wait_summary(page, f"{pos} reused")
+        return {"position": int(pos), "summary": page.inner_text("#summary")}
+    step("what-if at a token (the other model writes it), continued", what_if)
 
     def compare():
         page.get_by_text("Compare: base only").click()

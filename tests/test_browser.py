@@ -1,7 +1,7 @@
 """The page in a real browser (Debian's Chromium via Playwright).  On the tiny models: an example to its end, hover
-and click linking text and chart, the threshold by keys and by mouse, progress, escaping, Compare, About; then
-once on the real default pair started as a user starts it (``app.py``'s main, loading page included).  Every test
-ends with no server traceback and no browser console error."""
+and click linking text and chart, the threshold by keys and by mouse, a what-if at a token, progress, escaping,
+Compare, About; then once on the real default pair started as a user starts it (``app.py``'s main, loading page
+included).  Every test ends with no server traceback and no browser console error."""
 import json
 import os
 import re
@@ -236,6 +236,38 @@ def test_preview_while_dragging_is_not_the_result(page, served):
     assert page.locator("#view .colm-banner").count() == 0 and "Re-decoded" in page.inner_text("#changes")
 
 
+def test_what_if_at_a_token_continues_from_the_cached_prefix(page, served):
+    """Click a token, have the other model write it: the page shows what a from-scratch decode with that forced
+    choice gives, says what changed, and records the forced position in the export."""
+    _, dec = served
+    prompt = "What is 2 + 2?"
+    page.fill("#prompt textarea", prompt)
+    assert page.locator("#branch").is_disabled()                    # nothing selected yet
+    page.click("#generate")
+    wait_summary(page, "η = 0.5)")
+    trace = dec.generate(prompt, threshold=0.5, max_new_tokens=N)
+    pos = next(s.position for s in trace.steps[N // 2:] if s.text.strip())
+    other = "base" if trace.steps[pos].source == "expert" else "expert"
+    page.click(f"#view .colm-tok[data-i='{pos}']")
+    who = {"base": "the base model", "expert": "the expert"}[other]
+    page.wait_for_selector(f"#branch:text('What if {who} wrote token #{pos}?'):not([disabled])")
+    page.click("#branch")
+    wait_summary(page, f"{pos} reused")
+    want = dec.branch(trace, pos, other, N)
+    assert page.evaluate(TOKENS) == expected(want)
+    assert f"What-if at token #{pos}: {who} wrote it" in page.inner_text("#changes")
+    assert f"Forced positions in this answer: #{pos}." in page.inner_text("#changes")
+    page.wait_for_selector("#details :text('Click a token')")          # the old selection went with the old answer
+    assert page.locator("#branch").is_disabled()
+    page.click(f"#view .colm-tok[data-i='{pos}']")
+    page.wait_for_selector(f"#details :text('you chose {who} here (what-if)')")
+    assert export_enabled(page)
+    with page.expect_download() as download:
+        page.click("#export")
+    doc = json.loads(Path(download.value.path()).read_text(encoding="utf-8"))
+    assert doc["forced_positions"] == [pos] and doc["settings"]["what_if"] == {"position": pos, "source": other}
+
+
 @pytest.mark.parametrize("policy", ["random", "base"])
 def test_policies_without_a_threshold_have_no_line_and_no_flip_legend(page, policy):
     page.locator("#policy").get_by_text(policy if policy == "random" else "base only", exact=True).click()
@@ -338,8 +370,8 @@ def test_empty_prompt_shows_message(page):
 def test_app_main_on_the_default_engine(tmp_path, browser):
     """As a user starts it: `python app.py` on the embedded default pair and the default engine (llama.cpp on a
     CPU), loading page included.  The short example to its final answer at the default length; hover a low bar;
-    click a token; the threshold by keys, by mouse and by keys again to the same answer; Compare's table; export
-    off before and on after.  The server log must end with no traceback, the browser console with no error."""
+    click a token; the threshold by keys, by mouse and by keys again to the same answer; a what-if at a token;
+    Compare's table; export off before and on after.  The server log must end with no traceback, the browser console with no error."""
     import subprocess
     import sys
     import time
@@ -397,6 +429,13 @@ def test_app_main_on_the_default_engine(tmp_path, browser):
         press_to(pg, 0.3)                                  # keys again, from elsewhere: the same answer
         wait_summary(pg, "η = 0.3)")
         assert pg.evaluate(TOKENS) == by_keys
+        # What-if near the end (a short continuation): the other model writes that token, the rest follows.
+        pos, _, writer = next(t for t in reversed(by_keys[:-8]) if t[1].strip())
+        pg.click(f"#view .colm-tok[data-i='{pos}']")
+        pg.click(f"#branch:not([disabled])")
+        wait_summary(pg, f"{pos} reused")
+        assert f"What-if at token #{pos}:" in pg.inner_text("#changes")
+        assert pg.evaluate(TOKENS)[:pos] == by_keys[:pos] and pg.evaluate(TOKENS)[pos][2] != writer
         pg.get_by_text("Compare: base only").click()
         pg.click("#compare")
         pg.wait_for_selector("#compare-table table")

@@ -209,6 +209,28 @@ def test_changes_when_only_writers_changed():
     assert "The text is the same; 2 token(s) moved to the expert" in t.text
 
 
+@pytest.mark.parametrize("pos, source, words", [(None, None, "select a token first"), (9, None, "select a token"),
+                                                  (1, "base", "What if the expert wrote token #1?"),
+                                                  (2, "expert", "What if the base model wrote token #2?")])
+def test_the_what_if_button_names_the_other_model(pos, source, words):
+    tr = make_trace(steps=texts("A", " is", " 4", sources="bbb"))
+    if source:
+        tr.steps[pos].source = source
+    assert words in page.branch_label(tr if pos is not None else None, pos)
+
+
+def test_what_if_panel_says_what_was_forced_and_what_changed():
+    before = make_trace(steps=texts("A", " is", " 4", "\n#### 4", sources="bbbb"))
+    after = make_trace(steps=texts("A", " is", " 5", "\n#### 5", sources="bbeb"))
+    after.steps[2].forced = True
+    after.reused_steps = 2
+    t = Tags(page.branch_html(before, after, 2))
+    assert ("What-if at token #2: the expert wrote it ('·5'; the base model had written '·4'), then Co-LLM "
+            "(η = 0.5) continued; tokens 0–1 were kept.") in t.text
+    assert "Forced positions in this answer: #2." in t.text and "first differs at token #2" in t.text
+    assert re.search(r"final answer\s*4\s*5", t.text) and "after the what-if" in t.text
+
+
 # ----------------------------------------------------------------------------------------------- progress, compare
 def test_progress_line():
     assert page.progress_line(None, 512) == "Reading the prompt…"

@@ -84,24 +84,26 @@ def _snippet(trace, start: int, n: int = 12) -> str:
     return f"<code>{_e(viz.display_token(text, visible=True)) or '(end)'}</code>"
 
 
-def changes_html(before, after) -> str:
-    """After a re-decode: what changed between ``before`` and ``after`` (same prompt, another threshold)."""
+def _moved(before, after, upto: int) -> str:
+    """Positions before ``upto`` (same token on both sides) whose writer changed, in words; "" when none did."""
+    pairs = list(zip(before.steps[:upto], after.steps))
+    to = sum(x.source == "base" and y.source == "expert" for x, y in pairs)
+    back = sum(x.source == "expert" and y.source == "base" for x, y in pairs)
+    return (f"{to} token(s) moved to the expert and {back} back to the base model, the two models agreeing on "
+            f"them" if to or back else "")
+
+
+def _before_after(before, after, lines: list[str], label0: str, label1: str) -> str:
+    """The panel after a decode that reused ``before``'s prefix: where the text first differs, the counts, and a
+    table of the final answers, tokens and expert shares side by side."""
     d = _first_difference(before, after)
-    same = len(before.steps) if d is None else d
-    moved_to = sum(x.source == "base" and y.source == "expert" for x, y in zip(before.steps[:same], after.steps))
-    moved_back = sum(x.source == "expert" and y.source == "base" for x, y in zip(before.steps[:same], after.steps))
-    rate = 100 * (after.deferral_rate - before.deferral_rate)
-    eta0, eta1 = (viz.fmt_threshold(t.policy.get("threshold")) for t in (before, after))
-    start = (f"from token #{after.reused_steps}; the tokens before it were kept" if after.reused_steps
-             else "from the first token")
-    lines = [f"<b>Re-decoded at η = {eta1}</b> (was {eta0}), {start}."]
-    moved = (f"{moved_to} token(s) moved to the expert and {moved_back} back to the base model, the two models "
-             f"agreeing on them" if moved_to or moved_back else "")
+    moved = _moved(before, after, len(before.steps) if d is None else d)
     if d is None:
         lines.append(f"The text is the same{'; ' + moved if moved else ''}.")
     else:
         lines.append(f"The text first differs at token #{d}: before {_snippet(before, d)}, after "
                      f"{_snippet(after, d)}.{' Before that, ' + moved + '.' if moved else ''}")
+    rate = 100 * (after.deferral_rate - before.deferral_rate)
     lines.append(f"Expert tokens {_n_expert(before)} → {_n_expert(after)}; deferral {before.deferral_rate:.1%} → "
                  f"{after.deferral_rate:.1%} ({rate:+.1f} points).")
     rows = [("final answer", *(f"<code>{_e(final_answer(t.text)) or '—'}</code>" for t in (before, after))),
@@ -110,7 +112,41 @@ def changes_html(before, after) -> str:
              f"{_n_expert(after)} ({after.deferral_rate:.1%})")]
     table = "".join(f"<tr><th>{k}</th><td>{a}</td><td>{b}</td></tr>" for k, a, b in rows)
     return (f'<div class="colm-changes colm-done-box"><p>{"<br>".join(lines)}</p><table class="colm-ba">'
-            f'<tr><th></th><th>before (η = {eta0})</th><th>after (η = {eta1})</th></tr>{table}</table></div>')
+            f'<tr><th></th><th>{_e(label0)}</th><th>{_e(label1)}</th></tr>{table}</table></div>')
+
+
+def changes_html(before, after) -> str:
+    """After a re-decode: what changed between ``before`` and ``after`` (same prompt, another threshold)."""
+    eta0, eta1 = (viz.fmt_threshold(t.policy.get("threshold")) for t in (before, after))
+    start = (f"from token #{after.reused_steps}; the tokens before it were kept" if after.reused_steps
+             else "from the first token")
+    return _before_after(before, after, [f"<b>Re-decoded at η = {eta1}</b> (was {eta0}), {start}."],
+                         f"before (η = {eta0})", f"after (η = {eta1})")
+
+
+def other_source(step) -> str:
+    return "base" if step.source == "expert" else "expert"
+
+
+def branch_label(trace, position) -> str:
+    """The what-if button's words for the selected position: which model would write it instead."""
+    if trace is None or position is None or not 0 <= int(position) < len(trace.steps):
+        return "Use the other model here (select a token first)"
+    s = trace.steps[int(position)]
+    return f"What if {WRITER[other_source(s)]} wrote token #{s.position}?"
+
+
+def branch_html(before, after, position: int) -> str:
+    """After a what-if: token ``position`` rewritten by the other model, the rest continued by the same policy."""
+    old, new = before.steps[position], after.steps[position]
+    kept = f"; tokens 0–{position - 1} were kept" if position else ""
+    head = (f"<b>What-if at token #{position}:</b> {WRITER[new.source]} wrote it ({_tok(viz.label_text(new))}; "
+            f"{WRITER[old.source]} had written {_tok(viz.label_text(old))}), then "
+            f"{_e(viz.policy_label(after.policy))} continued{kept}.")
+    forced = ", ".join(f"#{i}" for i in after.forced_positions)
+    note = (f"Forced positions in this answer: {forced}.  A later threshold change keeps those before its first "
+            f"changed decision and drops those after it.")
+    return _before_after(before, after, [head, note], "before", "after the what-if")
 
 
 def progress_line(trace, max_new: int) -> str:
