@@ -20,6 +20,7 @@ rows are never real tokens), H the hidden size.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -209,6 +210,9 @@ def load_pair(base: str = "default", expert: str = "default", engine: str = "aut
                     ident(base, "base"), e_id)
     expert_tok = tok if expert == base else models.load_tokenizer(expert, progress, trust_remote_code)
     models.check_same_vocab(tok, expert_tok)     # each engine checks its model's rows against the tokenizer
-    b = LlamaCppEngine(base_path, n_vocab, threads, role="base", **engine_kwargs)
-    e = LlamaCppEngine(expert_path, n_vocab, threads, role="expert", **engine_kwargs)
+    # llama.cpp reads and repacks a model without the GIL: the expert loads beside the base.
+    with ThreadPoolExecutor(1, thread_name_prefix="colm-load-expert") as pool:
+        pending = pool.submit(LlamaCppEngine, expert_path, n_vocab, threads, role="expert", **engine_kwargs)
+        b = LlamaCppEngine(base_path, n_vocab, threads, role="base", **engine_kwargs)   # if it fails, leaving
+        e = pending.result()                                   # the pool waits for the expert: no load left running
     return Pair(b, e, tok, ident(base, "base"), ident(expert, "expert"))

@@ -85,6 +85,9 @@ class LlamaCppEngine:
                 raise ColmError(f"{self.path} is not a GGUF file (no GGUF magic); the llamacpp engine reads .gguf")
         _init_backend(verbose)
         mp = L.llama_model_default_params()
+        # Read the file, do not map it: llama.cpp repacks most quantised weights into an interleaved copy of its
+        # own, and the mapped pages it read them from stay mapped and counted (0.59 GB more RSS for the expert).
+        mp.load_mode = L.LLAMA_LOAD_MODE_NONE
         self.model = L.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self.model:
             raise ColmError(f"llama.cpp could not load {self.path} as the {role} model (unsupported or damaged GGUF)")
