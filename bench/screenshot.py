@@ -4,7 +4,8 @@
                                [--engine auto|torch|llamacpp] [--threads N]
 
 Starts the app in-process on a free port, clicks an example, sets the token limit, generates at the head's own
-threshold and waits for the decode to finish before the full-page screenshot.
+threshold and waits for the decode to finish, then clicks the first expert-written token (its details and
+what-if button) before the full-page screenshot.
 """
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ def main() -> None:
             page.click("#generate")
             page.wait_for_function("/finished|hit max tokens/.test(document.querySelector('#summary').innerText)")
             page.wait_for_timeout(1500)   # the last chart update
+            # The details panel and its what-if button, for the first expert-written token with text.
+            page.click("#view .colm-tok.colm-expert:not(.colm-special)")
+            page.wait_for_selector("#branch:not([disabled])")
             page.screenshot(path=a.out, full_page=True)
             print(page.inner_text("#summary"))
             browser.close()
