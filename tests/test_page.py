@@ -304,3 +304,10 @@ def test_page_does_not_import_gradio():
     out = subprocess.run([sys.executable, "-c", "import sys, colm.page; print('gradio' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_page_says_why_it_shows_no_double_check_flags():
+    from colm.signals import BEATS_LENGTH
+    assert not BEATS_LENGTH, "a signal beats answer length now: show its flags on the page and change this text"
+    words = Tags(page.ABOUT_HTML).text
+    assert "marks no tokens to double-check" in words and "length alone" in words

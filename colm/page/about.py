@@ -24,6 +24,14 @@ _PICTURE = (
     + _box(f"<b>no</b>: the <b>base model</b> writes it (plain text, {_P['base'].name} bar)", _P["base"].hex)
     + "</div></div>")
 
+# The paper says Co-LLM shows where to double-check an answer.  colm.signals found no signal that predicts a wrong
+# answer better than its length (BEATS_LENGTH), so the page shows no flags and says why (tests/test_page.py).
+_DOUBLE_CHECK = (
+    "The page marks no tokens to double-check. colm tested the obvious signals (a writer unsure of its token, the "
+    "two models disagreeing) on 200 practice answers: none predicted a wrong final answer better than the "
+    "answer's length alone, so flags would mislead. The top candidates of both models are in the details of "
+    "every token.")
+
 ABOUT_HTML = f"""<div class="colm-about">
 {_PICTURE}
 <div class="colm-words">
@@ -37,7 +45,9 @@ everything.</p>
 <p><b>The slider trades accuracy for expert calls.</b> A lower η sends more tokens to the expert: usually better
 answers, more expert work. While you drag, the tokens that would change writer turn {_P['flip'].name} (nothing is
 decoded yet); when you let go — or stop pressing the arrow keys — the answer is re-decoded from the first change.
-Hover or click any token or bar to see its scores and both models' top candidates.</p>
+Hover or click any token or bar to see its scores and both models' top candidates, and ask "what if the other
+model wrote this token?": the answer continues from there.</p>
+<p><b>Where to double-check?</b> {_DOUBLE_CHECK}</p>
 <p>Paper: Shen, Lang, Wang, Kim, Sontag, <a href="{PAPER}" target="_blank" rel="noopener noreferrer">Learning to
 Decode Collaboratively with Multiple Language Models</a> (ACL 2024).</p>
 </div></div>"""
