@@ -124,7 +124,7 @@ class CoLLM(Branching):
         """Choose the next token for every active row of ``st`` and (if ``feed``) advance the base past it.
 
         Returns (tokens [B], deferred [B] bool, p [B], base (probs, ids) [B, k], catch-ups) where catch-ups maps a
-        row to (first generated position covered, expert probs [n, k], ids [n, k]).
+        row to (first generated position covered, expert probs [n, k], ids [n, k], tokens the expert was fed).
         """
         B = len(st.seqs)
         p = (self.head.p_defer(st.h, st.logits).cpu() if self.head is not None
@@ -152,7 +152,7 @@ class CoLLM(Branching):
             for b in range(B):
                 if who[b]:
                     ep, ei = out.top(b, self.top_k)
-                    catch[b] = (first[b] + 1 - st.prompt_lens[b], ep, ei)
+                    catch[b] = (first[b] + 1 - st.prompt_lens[b], ep, ei, len(tokens[b]))
                     if defer[b]:
                         token[b] = ei[-1, 0]
         tokens = token.tolist()
@@ -199,7 +199,8 @@ class CoLLM(Branching):
                 last = None
                 if b in catch:
                     # Back-fill the expert's view of every position this catch-up covered.
-                    c0, ep, ei = catch[b]
+                    c0, ep, ei, fed = catch[b]
+                    tr.expert_fed += fed
                     ep_l, ei_l = ep.tolist(), ei.tolist()
                     for j, (probs, ids) in enumerate(zip(ep_l, ei_l)):
                         if c0 + j < len(tr.steps):

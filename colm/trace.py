@@ -40,6 +40,7 @@ class Trace:
     policy: dict                          # {"name": ..., and its parameters}
     steps: list[Step] = field(default_factory=list)
     expert_calls: int = 0
+    expert_fed: int = 0                   # tokens the expert processed in its catch-ups (this trace's decoding)
     decode_seconds: float = 0.0
     stop_reason: str = ""                 # "eos" | "answer" (a "#### n" line) | "length" | "cancelled"
     reused_steps: int = 0                 # steps kept from a previous trace by redecode()
@@ -49,6 +50,7 @@ class Trace:
     head_trained: bool = False
     engine: str = ""                      # which engine ran: "torch" | "llamacpp"
     prefill_seconds: float = 0.0          # time before the first token (prompt prefill, or re-decode set-up)
+    rollbacks: list = field(default_factory=list)   # course corrections (colm.backtrack.Rollback as dicts)
     state: object = field(default=None, repr=False, compare=False)   # colm.decode.DecodeState: caches to continue
 
     @property
@@ -81,12 +83,12 @@ class Trace:
     def to_dict(self, full: bool = True) -> dict:
         return {
             "prompt": self.prompt, "text": self.text, "policy": self.policy,
-            "deferral_rate": self.deferral_rate, "expert_calls": self.expert_calls,
+            "deferral_rate": self.deferral_rate, "expert_calls": self.expert_calls, "expert_fed": self.expert_fed,
             "decode_seconds": self.decode_seconds, "tokens_per_second": self.tokens_per_second,
             "stop_reason": self.stop_reason, "reused_steps": self.reused_steps,
             "base_model": self.base_model, "expert_model": self.expert_model,
             "head": self.head, "head_trained": self.head_trained, "engine": self.engine,
-            "forced_positions": self.forced_positions, "steps": [s.to_dict(full) for s in self.steps],
+            "forced_positions": self.forced_positions, "rollbacks": self.rollbacks, "steps": [s.to_dict(full) for s in self.steps],
         }
 
 
