@@ -27,6 +27,7 @@ from pathlib import Path
 import gradio as gr
 
 from colm import page, viz
+from colm.backtrack import Backtrack, backtrack_stream
 from colm.data import messages
 from colm.decode import CoLLM, Policy
 from colm.loading import add_expert_server_arguments
@@ -168,7 +169,9 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
         gr.Warning(message)
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"⚠️ {message}", gr.skip()
 
-    def generate(prompt, policy_name, threshold, rate, min_prob, max_new):
+    def generate(prompt, policy_name, threshold, rate, min_prob, max_new, correct=False):
+        """Decode the prompt with the chosen policy; ``correct``: course correction (colm.backtrack), lines the
+        arithmetic checker finds wrong are taken back and rewritten by the expert."""
         prompt = prompt or ""   # lone surrogates and control characters are the decoder's to sanitise
         problem = prompt_problem(prompt, max_prompt_chars)
         if problem:
@@ -180,7 +183,12 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
             settings = {"policy": policy_name, "threshold": threshold, "rate": rate, "min_prob": min_prob,
                         "max_new_tokens": n}
             policy = Policy(policy_name, threshold=float(threshold), rate=float(rate), min_prob=float(min_prob))
-            yield from render(decoder.stream(prompt, policy, n, stop=stop), settings, stop)
+            if correct:
+                settings["backtrack"] = Backtrack().describe()
+                stream = backtrack_stream(decoder, prompt, policy, n, Backtrack(), stop=stop)
+            else:
+                stream = decoder.stream(prompt, policy, n, stop=stop)
+            yield from render(stream, settings, stop)
         except ColmError as e:
             yield refuse(str(e))
 
@@ -321,6 +329,9 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
                     gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
                 policy = gr.Radio(POLICY_CHOICES, value="colm", label="Who writes each token", elem_id="policy")
+                correct = gr.Checkbox(False, elem_id="backtrack",
+                                      label="Course correction: when a finished line's arithmetic is wrong, take "
+                                            "it back and have the expert rewrite it")
                 rate = gr.Slider(0, 1, value=0.3, step=0.05, label="Random: share of tokens sent to the expert",
                                  visible=False, elem_id="rate")
                 min_prob = gr.Slider(0, 1, value=0.5, step=0.05, visible=False, elem_id="min-prob",
@@ -359,7 +370,7 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
         fresh = dict(fn=clear_selection, inputs=None, outputs=[details, selected_state, branch_btn], **private)
         ready = dict(fn=export_ready, inputs=[trace_state], outputs=[download], **private)
         letting_go = {**fresh, "fn": clear_if_redecoding, "inputs": [trace_state, threshold, max_new, stop_state]}
-        gen_btn.click(generate, [prompt, policy, threshold, rate, min_prob, max_new], decoded,
+        gen_btn.click(generate, [prompt, policy, threshold, rate, min_prob, max_new, correct], decoded,
                       api_name="generate", **model_call).then(**ready)
         gen_btn.click(**fresh)
         threshold.input(preview, [trace_state, threshold], [view, changes, note], api_name="preview",

@@ -133,6 +133,7 @@ class Branching:
         tr.steps = [Step(**asdict(s)) for s in trace.steps[:t]]
         tr.expert_calls = sum(s.source == "expert" for s in tr.steps)
         tr.reused_steps = t
+        tr.rollbacks = [r for r in trace.rollbacks if r["position"] < t]   # corrections in the kept text stand
         tr.state, trace.state = st, None
         tr.prefill_seconds = time.perf_counter() - t0
         yield from self._follow(tr, Detok.resume(self.pair.tokenizer, tr.steps), policy, max_new_tokens, stop, 0)

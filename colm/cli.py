@@ -114,16 +114,43 @@ def _show_forced(trace, as_json: bool) -> int:
     return 0
 
 
+def _show_backtracked(trace, as_json: bool) -> int:
+    if as_json:
+        d = trace.to_dict(full=False)
+        print(json.dumps({k: d[k] for k in JSON_KEYS + ("forced_positions", "rollbacks", "expert_fed")},
+                         ensure_ascii=False))
+        return 0
+    print(render_marked(trace, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR")))
+    print(_summary(trace))
+    for r in trace.rollbacks:
+        print(f"rolled back at token {r['position']} ({r['detector']}: {r['reason']}): dropped {r['discarded']!r}, "
+              f"the expert wrote {r['replacement']!r}")
+    if not trace.rollbacks:
+        print("no rollback: no completed line was found wrong")
+    return 0
+
+
 def cmd_generate(args) -> int:
     """Decode one prompt with Co-LLM (or a baseline policy) and show which tokens came from the expert (streamed, in
-    colour, on a terminal).  --force has a given model write a given token and the policy continue from there."""
+    colour, on a terminal).  --force has a given model write a given token and the policy continue from there;
+    --backtrack has the expert rewrite a line the arithmetic checker finds wrong."""
     if args.force:
         _forces(args.force)         # a malformed --force fails before the models load
+    if args.force and args.backtrack:
+        raise ColmError("--force and --backtrack do not combine: a rollback may rewrite a forced token")
+    if args.backtrack:
+        from .backtrack import Backtrack
+        cfg = Backtrack(max_retries=args.max_retries)
     pair, head = load_from_args(args, need_head=args.policy == "colm")
     from .decode import CoLLM
     dec = CoLLM(pair, head)
     if args.force:
         return _show_forced(generate_forced(dec, args, _policy(args, head)), args.json)
+    if args.backtrack:
+        from .backtrack import generate_backtracking
+        trace = generate_backtracking(dec, args.prompt, _policy(args, head), args.max_new_tokens, cfg,
+                                      chat=not args.raw)
+        return _show_backtracked(trace, args.json)
     if args.json:
         trace = dec.generate(args.prompt, policy=_policy(args, head), max_new_tokens=args.max_new_tokens,
                              chat=not args.raw)
@@ -222,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="append", default=[], metavar="POS=expert|base",
                    help="have that model write generated token POS (0-based), then let the policy continue "
                         "(repeatable; shown in --json as forced_positions)")
+    g.add_argument("--backtrack", action="store_true",
+                   help="check each completed line's arithmetic; roll a wrong line back and have the expert rewrite "
+                        "it (shown in --json as rollbacks)")
+    g.add_argument("--max-retries", type=int, default=2, help="--backtrack: rollbacks an answer at most")
     add_model_arguments(g)
 
     r = command("rollouts", cmd_rollouts)

@@ -327,6 +327,7 @@ class CoLLM(Branching):
         tr.steps = [Step(**asdict(s)) for s in trace.steps[:t]]
         tr.expert_calls = sum(s.source == "expert" for s in tr.steps)
         tr.reused_steps = t
+        tr.rollbacks = [r for r in trace.rollbacks if r["position"] < t]   # corrections in the kept text stand
         tr.state, trace.state = st, None
         detok = Detok.resume(self.pair.tokenizer, tr.steps)
         tr.prefill_seconds = time.perf_counter() - t0

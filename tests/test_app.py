@@ -244,6 +244,27 @@ def test_redecoded_text_equals_fresh_text(dec, label):
         assert [(s.token_id, s.text) for s in re_.steps] == [(s.token_id, s.text) for s in fresh.steps]
 
 
+def test_course_correction_checkbox_shows_a_rollback(url, dec, monkeypatch):
+    """The checkbox decodes through colm.backtrack; a detection (a stand-in naming token 5's line; the tiny models
+    write no newlines, so a line ends at a character they do write) shows the dropped text struck through."""
+    from colm import backtrack
+    plain = dec.generate(PROMPT, threshold=0.5, max_new_tokens=N)
+    plain.release()
+    k = next(i for i in range(5, N - 5) if plain.steps[i - 1].text and plain.steps[i].text)
+    c = sum(len(s.text) for s in plain.steps[:k])
+    lb = next(ch for ch in plain.text[c + 1:] if ch.isascii() and ch.isalnum())
+    monkeypatch.setitem(backtrack.DETECTORS, "test", lambda text, since: (c, "a test's detection")
+                        if since <= c < len(text) else None)
+    monkeypatch.setattr(app, "Backtrack", lambda: backtrack.Backtrack(detectors=("test",), line_break=lb))
+    c_ = client(url)
+    view, changes, summary, note, export = c_.predict(PROMPT, "colm", 0.5, 0.3, 0.5, N, True, api_name="/generate")
+    assert note == "" and "colm-dropped" in view and f"token #{k}: a test&#x27;s detection" in view
+    doc = json.loads(open(export, encoding="utf-8").read())
+    assert [r["position"] for r in doc["rollbacks"]] == [k] and doc["settings"]["backtrack"]["detectors"] == ["test"]
+    view, *_ = generate(c_)                                   # unchecked: the plain answer, nothing dropped
+    assert "colm-dropped" not in view
+
+
 def test_redecode_needs_a_colm_trace(url):
     c = client(url)
     *_, note, _ = c.predict(0.3, N, api_name="/redecode")

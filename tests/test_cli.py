@@ -32,6 +32,18 @@ def test_generate_json_on_tiny_local_pair(pair_dirs, tmp_path):
     assert d["engine"] == "torch"          # model directories run on torch under --engine auto
 
 
+def test_generate_backtrack_json_and_refusals(pair_dirs):
+    models = ("--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"), "--dtype", "fp32")
+    r = run("generate", "What is 2+2?", *models, "--policy", "base", "--max-new-tokens", "6", "--json", "--backtrack")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["rollbacks"] == [] and d["policy"]["backtrack"] == {"max_retries": 2, "detectors": ["arithmetic"]}
+    r = run("generate", "hi", *models, "--backtrack", "--force", "2=expert")
+    assert r.returncode == 2 and "do not combine" in r.stderr and "Traceback" not in r.stderr
+    r = run("generate", "hi", *models, "--backtrack", "--max-retries", "-1")
+    assert r.returncode == 2 and "max_retries" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_generate_plain_marks_and_reports_rate(pair_dirs):
     r = run("generate", "hi", "--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"),
             "--policy", "expert", "--max-new-tokens", "5", "--dtype", "fp32")

@@ -311,3 +311,18 @@ def test_the_page_says_why_it_shows_no_double_check_flags():
     assert not BEATS_LENGTH, "a signal beats answer length now: show its flags on the page and change this text"
     words = Tags(page.ABOUT_HTML).text
     assert "marks no tokens to double-check" in words and "length alone" in words
+
+
+def test_a_course_correction_shows_the_dropped_line_struck_through_and_says_why():
+    tr = make_trace()
+    tr.rollbacks = [{"position": 3, "detector": "arithmetic", "reason": "12 * 7 = 86, but it is 84",
+                     "discarded": "<b>12 * 7 = 86</b>\n", "replacement": "\tx = 1", "expert_written": 1}]
+    view = page.view_html(tr)
+    t = Tags(view)
+    dropped = t.classed("colm-dropped")
+    assert len(dropped) == 1 and "12 * 7 = 86, but it is 84" in dropped[0]["title"]
+    assert "<b>12" not in view and "&lt;b&gt;12 * 7 = 86&lt;/b&gt;" in view          # model text stays text
+    assert view.index("colm-dropped") < view.index('data-i="3"')                     # before its replacement
+    assert "Course correction" in t.text and "token #3: 12 * 7 = 86, but it is 84" in t.text
+    assert [i for i, *_ in page.tokens_of(view)] == [0, 1, 2, 3, 4, 5]             # tokens unchanged
+    assert "colm-dropped" not in page.view_html(make_trace())

@@ -33,9 +33,19 @@ def _kind(step, flipped: set) -> str:
     return "flip" if step.position in flipped else step.source
 
 
+def _dropped(rollback: dict) -> str:
+    """A line a course correction took back, struck through where its replacement begins."""
+    tip = f"dropped: {rollback['reason']} ({rollback['detector']} check); the expert rewrote the line"
+    return f'<del class="colm-dropped" title="{_e(tip)}">{_e(viz.display_token(rollback["discarded"]))}</del>'
+
+
 def _tokens(trace, flipped: set, interactive: bool) -> str:
     out = []
+    rollbacks = {}
+    for r in getattr(trace, "rollbacks", []):
+        rollbacks.setdefault(r["position"], []).append(r)
     for s in trace.steps:
+        out += [_dropped(r) for r in rollbacks.get(s.position, [])]
         attrs = f' data-i="{s.position}"' if interactive else ""
         text = viz.display_token(s.text)
         if text:
@@ -67,6 +77,18 @@ def _legend(trace, pending: float | None, flipped: set) -> str:
         items.append(f'<span class="colm-key"><i class="colm-sw colm-flip"></i>{viz.PALETTE["flip"].name}: would '
                      f'change writer at η = {viz.fmt_threshold(pending)} (preview)</span>')
     return f'<div class="colm-legend">{"".join(items)}</div>'
+
+
+def _corrections(trace) -> str:
+    """One line per rollback: where, what the checker found, what the expert wrote instead."""
+    items = []
+    for r in getattr(trace, "rollbacks", []):
+        same = " (the same line again: the expert repeated the mistake)" if r["replacement"] == r["discarded"] else ""
+        items.append(f'<li>token #{r["position"]}: {_e(r["reason"])}; the expert rewrote the line{same}.</li>')
+    if not items:
+        return ""
+    return (f'<div class="colm-corrections"><b>Course correction</b> (struck-through text was dropped):'
+            f'<ul>{"".join(items)}</ul></div>')
 
 
 def _line(threshold: float, label: str, cls: str) -> str:
@@ -110,7 +132,7 @@ def view_html(trace, pending: float | None = None) -> str:
                   f'to re-decode.</div>')
     return (f'<div class="colm-view{" colm-previewing" if preview else ""}" data-key="{id(trace):x}" '
             f'data-n="{len(trace.steps)}" tabindex="0" aria-label="answer and p_defer chart; arrow keys move the '
-            f'selected token">{banner}{_legend(trace, pending, flipped)}'
+            f'selected token">{banner}{_legend(trace, pending, flipped)}{_corrections(trace)}'
             f'<div class="colm-text">{_tokens(trace, flipped, True)}</div>{_chart(trace, pending, flipped)}</div>')
 
 
@@ -250,4 +272,8 @@ CSS = f"""
   pointer-events: none; box-shadow: 0 2px 6px rgba(0,0,0,0.25); }}
 .colm-xlabel {{ grid-column: 2; text-align: center; padding-top: 2px; }}
 .colm-empty p {{ opacity: 0.75; }}
+.colm-dropped {{ text-decoration: line-through; text-decoration-color: {C['flip']}; text-decoration-thickness: 2px;
+  opacity: 0.6; }}
+.colm-corrections {{ font-size: var(--text-sm); border-left: 3px solid {C['flip']}; padding: 2px 8px; margin: 4px 0; }}
+.colm-corrections ul {{ margin: 2px 0 0 1.2em; padding: 0; }}
 """
