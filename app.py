@@ -162,8 +162,9 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
         if trace is not None:
             if before is not None and trace.stop_reason == "cancelled":
                 trace.shown_before = before   # the next re-decode compares with the answer before this cut one
-            yield (trace, stop, page.view_html(trace), changes(before, trace) if before is not None else "",
-                   viz.summary_line(trace), "", export(trace, settings))
+            trace.shown_changes = changes(before, trace) if before is not None else ""   # preview() restores it
+            yield (trace, stop, page.view_html(trace), trace.shown_changes, viz.summary_line(trace), "",
+                   export(trace, settings))
 
     def refuse(message: str):
         gr.Warning(message)
@@ -221,6 +222,14 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
             return gr.skip(), gr.skip(), f"⚠️ threshold must be a number in [0, 1], got {threshold!r}"
         if trace.policy.get("name") != "colm":
             return gr.skip(), gr.skip(), "The threshold applies to the Co-LLM policy; this answer used another policy."
+        if not trace.stop_reason:
+            # Still being written (a re-decode the release queued): its own updates draw the view and the panel;
+            # a preview answered now could land after the last of them and show a part of the answer.
+            return gr.skip(), gr.skip(), gr.skip()
+        if threshold == trace.policy.get("threshold"):
+            # Back at the answer's own η (or a drag's last input arriving after its re-decode): the panel it showed,
+            # not an empty one, so a late preview cannot wipe the before/after of the re-decode it belongs to.
+            return page.view_html(trace), getattr(trace, "shown_changes", ""), ""
         return page.view_html(trace, pending=threshold), page.preview_html(trace, threshold), ""
 
     def what_if_button(trace, position):

@@ -53,6 +53,7 @@ def press_to(page, target):
 
 
 def drag_to(page, target) -> float:
+    page.locator("#threshold input[type=range]").scroll_into_view_if_needed()   # mouse coordinates: the viewport's
     box = page.locator("#threshold input[type=range]").bounding_box()
     y = box["y"] + box["height"] / 2
     page.mouse.move(box["x"] + threshold_value(page) * box["width"], y)

@@ -169,6 +169,17 @@ def test_preview_marks_flips_without_model_calls(url, dec, monkeypatch):
     assert lines(view) == {"applied": 0.5} and changes == "" and "not decoded" not in view
 
 
+def test_a_late_preview_at_the_answer_s_own_threshold_keeps_its_before_after_panel(url, dec):
+    """A drag's last input can reach the server after the release's re-decode: at the new answer's own η the
+    preview gives back the panel that answer showed, not an empty one."""
+    c = client(url)
+    generate(c)
+    view, changes, *_ = c.predict(0.2, N, api_name="/redecode")
+    assert "Re-decoded at η = 0.2" in plain(changes)
+    late_view, late_changes, note = c.predict(0.2, api_name="/preview")
+    assert late_changes == changes and shown(late_view) == shown(view) and note == ""
+
+
 @pytest.mark.parametrize("api", ["/redecode", "/apply_threshold"])
 def test_redecode_equals_fresh_generate_and_says_what_changed(url, dec, api):
     c = client(url)

@@ -210,7 +210,7 @@ def raw_call(url: str, api: str, args, session_hash: str | None = None):
 
 def run_app(url: str, case: Case):
     """-> (shown, export document or None, transport)."""
-    args = [case.prompt, case.policy, case.threshold, case.rate, 0.5, case.max_new]
+    args = [case.prompt, case.policy, case.threshold, case.rate, 0.5, case.max_new, False]   # False: no correction
     if client_can_send(args):
         try:
             answer, plot, summary, note, export = gradio_client.Client(url, verbose=False).predict(
@@ -349,7 +349,7 @@ def test_no_file_paths_from_the_browser(url, dec):
     """Inputs are text, choices, numbers and server-side state; the only file is the export the server writes;
     Gradio's file route refuses paths it did not create."""
     demo = app.build_app(dec)
-    allowed_inputs = (gr.Textbox, gr.Radio, gr.Slider, gr.State, gr.Dataset)   # Dataset: an example's index
+    allowed_inputs = (gr.Textbox, gr.Radio, gr.Slider, gr.Checkbox, gr.State, gr.Dataset)   # Dataset: an example's index
     for fn in demo.fns.values():
         for block in fn.inputs:
             assert isinstance(block, allowed_inputs), (fn.name, type(block).__name__)
@@ -363,7 +363,7 @@ def test_no_file_paths_from_the_browser(url, dec):
     # A file reference where the prompt goes is just text: nothing is read from the path.
     c = gradio_client.Client(url, verbose=False)
     kind, out = raw_call(url, "generate", [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}},
-                                           "base", 0.5, 0.3, 0.5, N])
+                                           "base", 0.5, 0.3, 0.5, N, False])
     doc = json.loads(Path(out[-1]["path"]).read_text(encoding="utf-8")) if kind == "complete" and out[-1] else {}
     assert "root:" not in json.dumps(doc) and "root:" not in json.dumps(out)
     assert c.predict(0.5, api_name="/preview")[-1] == ""
