@@ -251,7 +251,8 @@ def run_policy(dec, examples: list[Example], policy: Policy, path: Path, batch_s
                                     keys=[e.index for e in chunk])
         dt = time.perf_counter() - t0
         recs = [{"index": e.index, "ids": tr.token_ids, "text": tr.text, "correct": is_correct(tr.text, e.answer),
-                 "deferral": tr.deferral_rate, "expert_calls": tr.expert_calls, "stop_reason": tr.stop_reason,
+                 "deferral": tr.deferral_rate, "expert_calls": tr.expert_calls, "expert_fed": tr.expert_fed,
+                 "stop_reason": tr.stop_reason,
                  "batch_seconds": dt, "batch_tokens": sum(len(t.steps) for t in traces), **(tag or {})}
                 for e, tr in zip(chunk, traces)]
         append_records(path, recs)
