@@ -84,6 +84,14 @@ def _position_of(trace: Trace, char: int) -> int:
     return next((i for i, c in enumerate(_starts(trace)) if c >= char), len(trace.steps))
 
 
+def detect_done(bt: Backtrack, text: str) -> tuple[int, str, str] | None:
+    """The first wrong line a backtracking decode would have rolled back in a finished ``text``, if any: (line
+    start, detector, reason).  None means backtracking would have left this answer as it is."""
+    if bt.max_retries == 0 or bt.line_break not in text:
+        return None
+    return _detect(bt, text[:text.rfind(bt.line_break) + len(bt.line_break)], 0)
+
+
 def _detect(bt: Backtrack, text: str, since: int) -> tuple[int, str, str] | None:
     hits = [(hit[0], name, hit[1]) for name in bt.detectors if (hit := DETECTORS[name](text, since))]
     return min(hits) if hits else None

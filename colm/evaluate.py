@@ -22,9 +22,8 @@ import torch
 from .data import Example
 from .decode import CoLLM, Policy
 from .models import ColmError
-from .runs import data_fingerprint, run_policy  # noqa: F401  (run_policy re-exported: colm.evaluate.run_policy)
+from .runs import backtracked, data_fingerprint, run_policy, summarize  # noqa: F401  (re-exported)
 from .stats import paired as paired_comparison
-from .stats import wilson
 
 RANDOM_SEEDS = (0, 1, 2)
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -37,27 +36,6 @@ def quantile_thresholds(p: torch.Tensor, fractions=FRACTIONS) -> list[float]:
     """
     p = p.double().flatten()
     return [1.0 if f <= 0 else float(torch.quantile(p, 1.0 - f)) for f in fractions]
-
-
-def summarize(records: dict[int, dict], pure: str | None = None) -> dict:
-    """Accuracy and mean per-example deferral frequency (the paper's definition) over ``records``."""
-    recs = list(records.values())
-    n = len(recs)
-    if n == 0:
-        return {"n": 0, "accuracy": float("nan"), "deferral": float("nan")}
-    deferral = 1.0 if pure == "expert" else 0.0 if pure == "base" else sum(r["deferral"] for r in recs) / n
-    k = sum(bool(r["correct"]) for r in recs)
-    out = {"n": n, "accuracy": k / n, "accuracy_ci": wilson(k, n), "deferral": deferral,
-           "mean_tokens": sum(len(r["ids"]) for r in recs) / n,
-           # answers cut by the budget: their accuracy says more about max_new_tokens than about the policy
-           "capped": sum(r.get("stop_reason") == "length" for r in recs),
-           "capped_known": all("stop_reason" in r for r in recs)}
-    if pure is None:
-        out["expert_calls"] = sum(r["expert_calls"] for r in recs)
-        batches = {(r["batch_seconds"], r["batch_tokens"]) for r in recs}
-        secs = sum(b[0] for b in batches)
-        out["tokens_per_second"] = sum(b[1] for b in batches) / secs if secs else float("nan")
-    return out
 
 
 @torch.inference_mode()
@@ -133,7 +111,7 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
              thresholds: list[float] | None = None, batch_size: int = 16, max_new_tokens: int = 256,
              baselines: bool = True, on_update=None, baseline_rate: float | None = None,
              max_deferral: float | None = None, random_rates=(), random_seeds=RANDOM_SEEDS, data: dict | None = None,
-             restart: bool = False, data_file: str | None = None) -> dict:
+             restart: bool = False, data_file: str | None = None, backtrack=None) -> dict:
     """Sweep (or take) thresholds, pick the best on ``sweep_examples``, then evaluate it and the baselines on all
     ``examples``: base-only, expert-only, random and confidence deferral at the chosen point's frequency (or at
     ``baseline_rate``, which lets those two run in parallel with the Co-LLM decode and be picked up from their files).
@@ -142,7 +120,8 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
     ``random_seeds`` (files ``random-RATE-seedS.jsonl``) and is reported as mean ± sd with the per-seed points.
     ``data`` identifies the data file (``colm.runs.data_fingerprint``; default: of ``examples``); ``restart``
     moves aside run files written by other settings instead of refusing them (``colm.runs.open_run``).
-    ``on_update(results)`` is called after every stage, so a long run leaves partial results behind."""
+    ``on_update(results)`` is called after every stage, so a long run leaves partial results behind.  ``backtrack``
+    (a ``colm.backtrack.Backtrack``) adds the chosen point with course correction (``results["backtrack"]``)."""
     on_update = on_update or (lambda r: None)
     runs = out / "runs"
     sweep_examples = sweep_examples or examples
@@ -194,6 +173,10 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
         results["max_deferral"] = max_deferral
     results["chosen"] = colm(chosen["threshold"], examples)
     on_update(results)
+    if backtrack is not None:
+        results["backtrack"] = backtracked(dec, examples, chosen["threshold"], chosen_runs[0], runs, backtrack,
+                                           max_new_tokens, data, restart, data_file)
+        on_update(results)
     if baselines:
         f = round(results["chosen"]["deferral"] if baseline_rate is None else baseline_rate, 3)
         random_runs = {}
@@ -255,6 +238,9 @@ def add_arguments(p) -> None:
                         "(NAME.jsonl.replaced-TIME) and decoded again, instead of stopping with an error; matching "
                         "runs are still reused")
     p.add_argument("--write-threshold", action="store_true", help="store the chosen threshold in the head file")
+    p.add_argument("--backtrack", action="store_true",
+                   help="also run the chosen point with course correction (colm.backtrack): results['backtrack']")
+    p.add_argument("--max-retries", type=int, default=2, help="--backtrack: rollbacks an answer at most")
 
 
 def _fractions(text: str, flag: str) -> list[float]:
@@ -289,6 +275,11 @@ def main(args) -> int:
     random_seeds = _seeds(args.random_seeds)
     fractions = _fractions(args.fractions, "--fractions")
     thresholds = _fractions(args.thresholds, "--thresholds") if args.thresholds else None   # η is a probability
+    if args.backtrack:
+        from .backtrack import Backtrack
+        backtrack = Backtrack(max_retries=args.max_retries)
+    else:
+        backtrack = None
     data = Path(args.data) if args.data else DEFAULT_DATA
     rows = read_jsonl(data)
     examples = select(rows, args.split, args.dev_size)
@@ -310,7 +301,7 @@ def main(args) -> int:
     res = evaluate(dec, examples, out, fractions, sweep, thresholds, args.batch_size, args.max_new_tokens,
                    not args.no_baselines, on_update=save, baseline_rate=args.baseline_rate,
                    max_deferral=args.max_deferral, random_rates=random_rates, random_seeds=random_seeds,
-                   data=data_fingerprint(rows), restart=args.restart, data_file=data.name)
+                   data=data_fingerprint(rows), restart=args.restart, data_file=data.name, backtrack=backtrack)
     save(res)
     from .viz import curve_figure
     curve_figure(res).write_html(str(out / "curve.html"), include_plotlyjs=True)
@@ -330,6 +321,7 @@ def main(args) -> int:
                 "confidence", "proxy", "paired")
         head.meta.setdefault("metrics", {})["dev"] = {k: res[k] for k in keep if k in res}
         head.save(head_path)
-    print(json.dumps({k: res[k] for k in ("base", "expert", "chosen", "random", "confidence", "paired") if k in res},
+    print(json.dumps({k: res[k] for k in ("base", "expert", "chosen", "random", "confidence", "paired", "backtrack")
+                      if k in res},
                      indent=1))
     return 0

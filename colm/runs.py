@@ -17,6 +17,9 @@ Continuing a file whose manifest differs, or one with no manifest at all (writte
 how it was made), raises ColmError naming the fields; ``restart=True`` (``--restart``) moves the old file and
 manifest aside to ``NAME.jsonl.replaced-<UTC time>`` and starts afresh.  A manifest marked ``"reconstructed"`` in its
 info was written after the fact from what the commit history says (the committed runs under data/).
+
+``run_backtracking`` writes the course-corrected twin of a Co-LLM run (only answers with a wrong line decoded again);
+``summarize`` and ``backtracked`` turn records into the figures an evaluation reports.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ from pathlib import Path
 from .data import INSTRUCTION, Example, is_correct, messages
 from .models import ColmError
 from .policy import Policy
+from .stats import paired as paired_comparison
+from .stats import wilson
 
 MANIFEST_FORMAT = "colm-run/1"
 
@@ -262,3 +267,78 @@ def run_policy(dec, examples: list[Example], policy: Policy, path: Path, batch_s
     if bar:
         bar.close()
     return {e.index: done[e.index] for e in examples}
+
+
+def run_backtracking(dec, examples: list[Example], policy: Policy, plain: dict[int, dict], path: Path, backtrack,
+                     max_new_tokens: int = 256, data: dict | None = None, restart: bool = False,
+                     data_file: str | None = None) -> dict[int, dict]:
+    """``policy`` with course correction (``colm.backtrack``) on every example, as a run file like ``run_policy``'s.
+
+    A rollback needs a completed line the detectors find wrong, and until one fires a backtracking decode *is* the
+    plain decode; so an example whose ``plain`` answer (the same policy's run) has no such line keeps that record
+    (``"backtrack": "none fired"``), and only the others are decoded again, one at a time (a crop is per row).
+    Records add ``rollbacks`` and the expert's work on dropped text (``expert_written_dropped``)."""
+    from .backtrack import backtrack_stream, detect_done
+    path = Path(path)
+    key = {**policy_key(policy), "backtrack": backtrack.describe()}
+    done = open_run(path, run_manifest(dec, policy, max_new_tokens, data or data_fingerprint(examples), key,
+                                       data_file), restart)
+    for e in (e for e in examples if e.index not in done):
+        rec = plain[e.index]
+        if detect_done(backtrack, rec["text"]) is None:
+            recs = [{**rec, "rollbacks": [], "backtrack": "none fired"}]
+        else:
+            t0 = time.perf_counter()
+            *_, tr = backtrack_stream(dec, messages(e.question), policy, max_new_tokens, backtrack)
+            tr.release()
+            recs = [{"index": e.index, "ids": tr.token_ids, "text": tr.text, "correct": is_correct(tr.text, e.answer),
+                     "deferral": tr.deferral_rate, "expert_calls": tr.expert_calls, "expert_fed": tr.expert_fed,
+                     "stop_reason": tr.stop_reason, "batch_seconds": time.perf_counter() - t0,
+                     "batch_tokens": len(tr.steps), "rollbacks": tr.rollbacks, "backtrack": "decoded",
+                     "expert_written_dropped": sum(r["expert_written"] for r in tr.rollbacks)}]
+        append_records(path, recs)
+        done[e.index] = recs[0]
+    return {e.index: done[e.index] for e in examples}
+
+
+# ----------------------------------------------------------------------------------------------- summaries
+def summarize(records: dict[int, dict], pure: str | None = None) -> dict:
+    """Accuracy and mean per-example deferral frequency (the paper's definition) over ``records``."""
+    recs = list(records.values())
+    n = len(recs)
+    if n == 0:
+        return {"n": 0, "accuracy": float("nan"), "deferral": float("nan")}
+    deferral = 1.0 if pure == "expert" else 0.0 if pure == "base" else sum(r["deferral"] for r in recs) / n
+    k = sum(bool(r["correct"]) for r in recs)
+    out = {"n": n, "accuracy": k / n, "accuracy_ci": wilson(k, n), "deferral": deferral,
+           "mean_tokens": sum(len(r["ids"]) for r in recs) / n,
+           # answers cut by the budget: their accuracy says more about max_new_tokens than about the policy
+           "capped": sum(r.get("stop_reason") == "length" for r in recs),
+           "capped_known": all("stop_reason" in r for r in recs)}
+    if pure is None:
+        out["expert_calls"] = sum(r["expert_calls"] for r in recs)
+        batches = {(r["batch_seconds"], r["batch_tokens"]) for r in recs}
+        secs = sum(b[0] for b in batches)
+        out["tokens_per_second"] = sum(b[1] for b in batches) / secs if secs else float("nan")
+    return out
+
+
+def backtracked(dec, examples, threshold: float, plain: dict[int, dict], runs: Path, backtrack, max_new_tokens: int,
+                data, restart: bool, data_file) -> dict:
+    """The chosen point with course correction: accuracy, how often it fired, fixed and broke, its paired difference
+    to the plain point, and the expert's work both ways (tokens written, dropped ones included; tokens processed)."""
+    recs = run_backtracking(dec, examples, Policy("colm", threshold=threshold), plain,
+                            runs / f"colm-backtrack-{threshold:.6f}.jsonl", backtrack, max_new_tokens, data=data,
+                            restart=restart, data_file=data_file)
+    fired = [i for i, r in recs.items() if r["rollbacks"]]
+    written = lambda r: round(r["deferral"] * len(r["ids"]))
+    return {"threshold": threshold, "settings": backtrack.describe(), **summarize(recs), "fired": len(fired),
+            "rollbacks": sum(len(recs[i]["rollbacks"]) for i in fired),
+            "fixed": sum(recs[i]["correct"] and not plain[i]["correct"] for i in fired),
+            "broke": sum(plain[i]["correct"] and not recs[i]["correct"] for i in fired),
+            "expert_written": [sum(written(r) for r in plain.values()),
+                               sum(written(r) + r.get("expert_written_dropped", 0) for r in recs.values())],
+            "expert_fed": [sum(r.get("expert_fed", 0) for r in plain.values()),
+                           sum(r.get("expert_fed", 0) for r in recs.values())],
+            "paired_vs_colm": paired_comparison({i: bool(r["correct"]) for i, r in recs.items()},
+                                                {i: bool(r["correct"]) for i, r in plain.items()})}

@@ -140,3 +140,34 @@ def test_the_arithmetic_detector_names_the_faulty_line(text, since, want):
 def test_bad_settings_are_refused(kw, words):
     with pytest.raises(ColmError, match=words):
         Backtrack(**kw)
+
+
+def test_a_backtracking_run_decodes_again_only_the_answers_with_a_wrong_line(dec, monkeypatch, tmp_path):
+    """colm.runs.run_backtracking: an answer whose completed lines pass every detector keeps the plain record; the
+    others are decoded again with course correction (as generate_backtracking decodes them); a rerun resumes."""
+    from colm.evaluate import evaluate
+    from colm.runs import run_backtracking, run_policy
+    from test_evaluate import examples
+    exs, policy = examples(4), POLICIES[0]
+    plain = run_policy(dec, exs, policy, tmp_path / "plain.jsonl", batch_size=1, max_new_tokens=N, progress=False)
+    target = exs[1].index
+    head = plain[target]["text"][:6]
+    monkeypatch.setitem(bt.DETECTORS, "test", lambda text, since: (2, "test") if since <= 2 < len(text)
+                        and text.startswith(head) else None)
+    cfg = Backtrack(detectors=("test",), line_break=line_break_after(plain[target]["text"], 2))
+    recs = run_backtracking(dec, exs, policy, plain, tmp_path / "bt.jsonl", cfg, N)
+    assert [recs[e.index]["backtrack"] for e in exs] == ["none fired", "decoded", "none fired", "none fired"]
+    assert all(recs[e.index]["ids"] == plain[e.index]["ids"] for e in exs if e.index != target)
+    from colm.data import messages
+    want = generate_backtracking(dec, messages(exs[1].question), policy, N, cfg)
+    assert recs[target]["ids"] == want.token_ids and recs[target]["rollbacks"] == want.rollbacks != []
+    monkeypatch.setattr("colm.backtrack.backtrack_stream", None)          # a rerun decodes nothing
+    assert run_backtracking(dec, exs, policy, plain, tmp_path / "bt.jsonl", cfg, N) == recs
+    monkeypatch.undo()
+    monkeypatch.setitem(bt.DETECTORS, "test", lambda text, since: (2, "test") if since <= 2 < len(text)
+                        and text.startswith(head) else None)
+    res = evaluate(dec, exs, tmp_path / "ev", thresholds=[ETA], batch_size=1, max_new_tokens=N, baselines=False,
+                   backtrack=cfg)
+    b = res["backtrack"]
+    assert b["n"] == 4 and b["fired"] == 1 and b["rollbacks"] >= 1 and b["fixed"] + b["broke"] <= 1
+    assert b["expert_fed"][1] >= b["expert_fed"][0] and "paired_vs_colm" in b
