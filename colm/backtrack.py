@@ -17,6 +17,7 @@ the answer's length (docs/BENCHMARKS.md), so none rolls anything back.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
@@ -153,6 +154,7 @@ def backtrack_stream(dec, prompt, policy: Policy, max_new_tokens: int = 256, bac
     seg = _Segment(stop)
     stream = dec.stream(prompt, policy, max_new_tokens, stop=seg, chat=chat)
     fed = 0                        # the expert's catch-up tokens in segments before this one
+    t0 = time.perf_counter()
     while True:
         action = tr = None
         for i, tr in enumerate(stream):
@@ -163,6 +165,8 @@ def backtrack_stream(dec, prompt, policy: Policy, max_new_tokens: int = 256, bac
                 if action is not None:
                     seg.set()      # the segment yields once more (cancelled) and ends
             tr.policy, tr.rollbacks = described, [asdict(r) for r in watch.rollbacks]
+            # One answer, however many segments: its time from the start, nothing "reused" from another answer.
+            tr.decode_seconds, tr.reused_steps = time.perf_counter() - t0, 0
             yield tr
         done = action is None or action[0] == "stop" or (action[0] == "continue" and tr.stop_reason != "cancelled")
         if done:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Iterator, Mapping
 
 import torch
@@ -47,7 +47,8 @@ class Resumed(Policy):
 def resumed(policy: dict | Policy, t: int) -> Resumed:
     """A trace's policy (its ``describe()`` dict, or a Policy) continued from generated position ``t``."""
     d = policy.describe() if isinstance(policy, Policy) else dict(policy)
-    return Resumed(**d, drawn=t)
+    names = {f.name for f in fields(Policy)}      # a trace's policy may carry more (course correction's settings)
+    return Resumed(**{k: v for k, v in d.items() if k in names}, drawn=t)
 
 
 class Branching:

@@ -85,6 +85,7 @@ def test_a_detection_rolls_back_to_its_position_and_the_expert_rewrites_the_line
     ref = reference_forced(pair, head, tr.prompt_ids, policy, N, dec.eos_ids, {i: "expert" for i in forced})
     check_rows("torch", [compare("torch", tr, ref, ETA if policy.name == "colm" else None)], [len(tr.steps)])
     assert tr.policy == {**policy.describe(), "backtrack": cfg.describe()}
+    assert tr.reused_steps == 0 and tr.decode_seconds > 0      # one answer: nothing reused, its whole time
 
 
 def test_a_line_is_rolled_back_once_and_retries_are_bounded(dec, monkeypatch):
@@ -171,3 +172,18 @@ def test_a_backtracking_run_decodes_again_only_the_answers_with_a_wrong_line(dec
     b = res["backtrack"]
     assert b["n"] == 4 and b["fired"] == 1 and b["rollbacks"] >= 1 and b["fixed"] + b["broke"] <= 1
     assert b["expert_fed"][1] >= b["expert_fed"][0] and "paired_vs_colm" in b
+
+
+def test_a_corrected_answer_can_be_branched_and_re_decoded(dec, monkeypatch):
+    """The trace's policy carries the backtrack settings; a what-if or a threshold re-decode of it still works and
+    keeps the rollbacks that lie in the text it keeps."""
+    policy = POLICIES[0]
+    _, K, cfg = plain_and_config(dec, policy, monkeypatch, once_at)
+    tr = generate_backtracking(dec, PROMPT, policy, N, cfg)
+    last = len(tr.steps) - 1
+    br = dec.branch(tr, last, "base" if tr.steps[last].source == "expert" else "expert", max_new_tokens=N)
+    assert [r["position"] for r in br.rollbacks] == [K] and br.steps[last].forced
+    again = dec.redecode(br, 0.999, max_new_tokens=N)      # first flip before K: the correction goes with its text
+    assert all(r["position"] < again.reused_steps for r in again.rollbacks)
+    br.release()
+    again.release()

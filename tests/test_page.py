@@ -326,3 +326,15 @@ def test_a_course_correction_shows_the_dropped_line_struck_through_and_says_why(
     assert "Course correction" in t.text and "token #3: 12 * 7 = 86, but it is 84" in t.text
     assert [i for i, *_ in page.tokens_of(view)] == [0, 1, 2, 3, 4, 5]             # tokens unchanged
     assert "colm-dropped" not in page.view_html(make_trace())
+
+
+def test_a_corrected_token_says_course_correction_and_a_what_if_says_you_chose():
+    tr = make_trace()
+    for i in (3, 4):
+        tr.steps[i].forced = True
+    tr.rollbacks = [{"position": 3, "detector": "arithmetic", "reason": "r", "discarded": "x", "replacement": "y",
+                     "expert_written": 0}]
+    assert "course correction: the checker found this line wrong" in Tags(page.details_html(tr, 3)).text
+    assert "course correction" in Tags(page.view_html(tr)).classed("colm-col")[4]["data-tip"]
+    tr.rollbacks = []
+    assert "you chose" in Tags(page.details_html(tr, 3)).text

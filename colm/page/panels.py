@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 
 from .. import viz
-from .words import WRITER, final_answer, is_right, why
+from .words import WRITER, corrected_positions, final_answer, is_right, why
 
 NO_SELECTION = '<div class="colm-details colm-muted">Click a token or a bar to see who wrote it and why.</div>'
 
@@ -43,7 +43,8 @@ def details_html(trace, position) -> str:
         tables.append('<p class="colm-muted">The expert\'s top candidates are not known here: the expert runs only '
                       'when a token is deferred.  On llama.cpp and on an expert server its view is kept for the '
                       'deferred tokens only; on torch also for the tokens it caught up on then.</p>')
-    return (f'<div class="colm-details">{head}<p>Why: {_e(why(s, trace.policy))}.</p>'
+    corrected = s.position in corrected_positions(trace)
+    return (f'<div class="colm-details">{head}<p>Why: {_e(why(s, trace.policy, corrected))}.</p>'
             f'<div class="colm-topks">{"".join(tables)}</div></div>')
 
 

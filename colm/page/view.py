@@ -12,7 +12,7 @@ import html
 from html.parser import HTMLParser
 
 from .. import viz
-from .words import tip_text
+from .words import corrected_positions, tip_text
 
 C = {k: v.hex for k, v in viz.PALETTE.items()}
 EMPTY = ('<div class="colm-view colm-empty" data-key="" data-n="0">'
@@ -98,10 +98,11 @@ def _line(threshold: float, label: str, cls: str) -> str:
 
 def _chart(trace, pending: float | None, flipped: set) -> str:
     cols = []
+    corrected = corrected_positions(trace)
     for s in trace.steps:
         p = viz.p_of(s)
         height = 0.0 if p is None else 100 * min(max(p, 0.0), 1.0)
-        cols.append(f'<div class="colm-col" data-i="{s.position}" data-tip="{_e(tip_text(s, trace.policy))}">'
+        cols.append(f'<div class="colm-col" data-i="{s.position}" data-tip="{_e(tip_text(s, trace.policy, s.position in corrected))}">'
                     f'<div class="colm-bar colm-{_kind(s, flipped)}" style="height:{height:.2f}%"></div></div>')
     eta = _applied(trace)
     lines = "" if eta is None else _line(eta, f"η = {viz.fmt_threshold(eta)}", "colm-applied")

@@ -15,9 +15,24 @@ def p_text(step) -> str:
     return "n/a" if p is None else f"{p:.3f}"
 
 
-def why(step, policy: dict) -> str:
-    """Who wrote ``step`` and by which rule.  Steps a user forced (what-if) say so before any rule."""
+def corrected_positions(trace) -> set[int]:
+    """Positions the expert wrote because course correction rolled their line back (colm.backtrack): from each
+    rollback's position, the forced steps that follow it without a gap."""
+    out = set()
+    for r in getattr(trace, "rollbacks", []):
+        i = r["position"]
+        while i < len(trace.steps) and trace.steps[i].forced:
+            out.add(i)
+            i += 1
+    return out
+
+
+def why(step, policy: dict, corrected: bool = False) -> str:
+    """Who wrote ``step`` and by which rule.  Steps a user forced (what-if) or course correction gave to the expert
+    (``corrected``) say so before any rule."""
     writer, p = WRITER.get(step.source, step.source), p_text(step)
+    if corrected:
+        return f"course correction: the checker found this line wrong, so {writer} rewrote it (p_defer {p})"
     if getattr(step, "forced", False):
         return f"you chose {writer} here (what-if); the head's p_defer was {p}"
     name = policy.get("name")
@@ -53,10 +68,10 @@ def topk_text(cands, n: int = 3) -> str:
     return " · ".join(f"'{viz.display_token(t, visible=True)}' {p:.1%}" for _, t, p in list(cands)[:n])
 
 
-def tip_text(step, policy: dict) -> str:
+def tip_text(step, policy: dict, corrected: bool = False) -> str:
     """The chart's hover box for one position (plain text, one line per fact)."""
     lines = [f"#{step.position} '{viz.label_text(step)}' from {WRITER.get(step.source, step.source)}",
-             why(step, policy),
+             why(step, policy, corrected),
              f"base: {topk_text(step.base_topk)}"]
     if step.expert_topk:
         lines.append(f"expert: {topk_text(step.expert_topk)}")
