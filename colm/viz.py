@@ -201,6 +201,15 @@ def curve_figure(results: dict) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=[chosen["deferral"]], y=[chosen["accuracy"]], mode="markers", name=f"chosen η = {fmt_threshold(chosen['threshold'])}",
             marker=dict(symbol="star", size=18, color=FLIP_COLOR, line=dict(color=INK, width=1)), hoverinfo="name"))
+    corrected = results.get("backtrack")
+    if corrected and corrected.get("n"):
+        # At its cost: the expert's tokens including the lines course correction dropped, over the answers' tokens.
+        x = corrected["expert_written"][1] / (corrected["mean_tokens"] * corrected["n"])
+        fig.add_trace(go.Scatter(
+            x=[x], y=[corrected["accuracy"]], mode="markers", hoverinfo="name",
+            name=(f"+ course correction ({corrected['fired']} fired, {corrected['fixed']} fixed, "
+                  f"{corrected['broke']} broke)"),
+            marker=dict(symbol="star-open", size=16, color=FLIP_COLOR, line=dict(color=FLIP_COLOR, width=2))))
     return _style(fig, legend_rows=3, height=460, xaxis=dict(title="deferral frequency (share of tokens from the expert)",
                                               tickformat=".0%", range=[-0.02, 1.02]),
                   yaxis=dict(title="accuracy", tickformat=".0%"))

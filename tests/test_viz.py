@@ -234,3 +234,12 @@ def test_viz_does_not_import_gradio():
     out = subprocess.run([sys.executable, "-c", "import sys, colm.viz; print('gradio' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_curve_figure_draws_course_correction_at_its_cost():
+    res = {**RESULTS, "backtrack": {"n": 10, "accuracy": 0.5, "mean_tokens": 100.0, "expert_written": [300, 350],
+                                    "fired": 2, "fixed": 1, "broke": 0}}
+    fig = viz.curve_figure(res)
+    t = next(t for t in fig.data if t.name and t.name.startswith("+ course correction"))
+    assert list(t.x) == [0.35] and list(t.y) == [0.5] and "1 fixed" in t.name
+    assert not any(t.name and "course correction" in t.name for t in viz.curve_figure(RESULTS).data)
