@@ -210,9 +210,10 @@ def load_pair(base: str = "default", expert: str = "default", engine: str = "aut
                     ident(base, "base"), e_id)
     expert_tok = tok if expert == base else models.load_tokenizer(expert, progress, trust_remote_code)
     models.check_same_vocab(tok, expert_tok)     # each engine checks its model's rows against the tokenizer
-    # llama.cpp reads and repacks a model without the GIL: the expert loads beside the base.
+    # llama.cpp reads and repacks a model without the GIL: the expert loads beside the base.  If the base fails,
+    # leaving the pool still waits for the expert's load, so none is left running.
     with ThreadPoolExecutor(1, thread_name_prefix="colm-load-expert") as pool:
         pending = pool.submit(LlamaCppEngine, expert_path, n_vocab, threads, role="expert", **engine_kwargs)
-        b = LlamaCppEngine(base_path, n_vocab, threads, role="base", **engine_kwargs)   # if it fails, leaving
-        e = pending.result()                                   # the pool waits for the expert: no load left running
+        b = LlamaCppEngine(base_path, n_vocab, threads, role="base", **engine_kwargs)
+        e = pending.result()
     return Pair(b, e, tok, ident(base, "base"), ident(expert, "expert"))
