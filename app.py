@@ -185,8 +185,9 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
                         "max_new_tokens": n}
             policy = Policy(policy_name, threshold=float(threshold), rate=float(rate), min_prob=float(min_prob))
             if correct:
-                settings["backtrack"] = Backtrack().describe()
-                stream = backtrack_stream(decoder, prompt, policy, n, Backtrack(), stop=stop)
+                backtrack = Backtrack()
+                settings["backtrack"] = backtrack.describe()
+                stream = backtrack_stream(decoder, prompt, policy, n, backtrack, stop=stop)
             else:
                 stream = decoder.stream(prompt, policy, n, stop=stop)
             yield from render(stream, settings, stop)

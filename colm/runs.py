@@ -227,6 +227,14 @@ def open_run(path: Path, manifest: dict, restart: bool = False) -> dict[int, dic
 
 
 # ----------------------------------------------------------------------------------------------- the decode loop
+def record(e: Example, tr, seconds: float, batch_tokens: int) -> dict:
+    """One problem's line in a run file: the answer, whether it is right, and what it cost (its batch's time and
+    tokens: the rows of one batch share them)."""
+    return {"index": e.index, "ids": tr.token_ids, "text": tr.text, "correct": is_correct(tr.text, e.answer),
+            "deferral": tr.deferral_rate, "expert_calls": tr.expert_calls, "expert_fed": tr.expert_fed,
+            "stop_reason": tr.stop_reason, "batch_seconds": seconds, "batch_tokens": batch_tokens}
+
+
 def run_policy(dec, examples: list[Example], policy: Policy, path: Path, batch_size: int = 16,
                max_new_tokens: int = 256, progress: bool = True, window: int | None = None,
                tag: dict | None = None, data: dict | None = None, restart: bool = False, key: dict | None = None,
@@ -255,10 +263,7 @@ def run_policy(dec, examples: list[Example], policy: Policy, path: Path, batch_s
         traces = dec.generate_batch([prompts[e.index] for e in chunk], policy, max_new_tokens,
                                     keys=[e.index for e in chunk])
         dt = time.perf_counter() - t0
-        recs = [{"index": e.index, "ids": tr.token_ids, "text": tr.text, "correct": is_correct(tr.text, e.answer),
-                 "deferral": tr.deferral_rate, "expert_calls": tr.expert_calls, "expert_fed": tr.expert_fed,
-                 "stop_reason": tr.stop_reason,
-                 "batch_seconds": dt, "batch_tokens": sum(len(t.steps) for t in traces), **(tag or {})}
+        recs = [{**record(e, tr, dt, sum(len(t.steps) for t in traces)), **(tag or {})}
                 for e, tr in zip(chunk, traces)]
         append_records(path, recs)
         done.update((r["index"], r) for r in recs)
@@ -291,11 +296,8 @@ def run_backtracking(dec, examples: list[Example], policy: Policy, plain: dict[i
             t0 = time.perf_counter()
             *_, tr = backtrack_stream(dec, messages(e.question), policy, max_new_tokens, backtrack)
             tr.release()
-            recs = [{"index": e.index, "ids": tr.token_ids, "text": tr.text, "correct": is_correct(tr.text, e.answer),
-                     "deferral": tr.deferral_rate, "expert_calls": tr.expert_calls, "expert_fed": tr.expert_fed,
-                     "stop_reason": tr.stop_reason, "batch_seconds": time.perf_counter() - t0,
-                     "batch_tokens": len(tr.steps), "rollbacks": tr.rollbacks, "backtrack": "decoded",
-                     "expert_written_dropped": sum(r["expert_written"] for r in tr.rollbacks)}]
+            recs = [{**record(e, tr, time.perf_counter() - t0, len(tr.steps)), "rollbacks": tr.rollbacks,
+                     "backtrack": "decoded", "expert_written_dropped": sum(r["expert_written"] for r in tr.rollbacks)}]
         append_records(path, recs)
         done[e.index] = recs[0]
     return {e.index: done[e.index] for e in examples}

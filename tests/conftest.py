@@ -143,3 +143,14 @@ def engine_pair(request):
         return SimpleNamespace(kind="torch", pair=pair, head=make_test_head(pair.base.hidden_size))
     return SimpleNamespace(kind="llamacpp", pair=request.getfixturevalue("llama_pair"),
                            head=request.getfixturevalue("llama_head"))
+
+
+def slowed(stream, delay: float):
+    """A decoder stream method that pauses ``delay`` s after each yielded trace: time for a test to act mid-answer."""
+    import time
+
+    def slow(*a, **k):
+        for tr in stream(*a, **k):
+            time.sleep(delay)
+            yield tr
+    return slow

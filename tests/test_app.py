@@ -16,7 +16,7 @@ gradio_client = pytest.importorskip("gradio_client")
 import app
 from colm import page, viz
 from colm.decode import CoLLM, Policy
-from conftest import free_port, make_test_head
+from conftest import free_port, make_test_head, slowed
 
 # gradio's queue trips pandas 3 deprecations on every event; they are not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
@@ -205,12 +205,7 @@ def test_a_redecode_cut_short_is_compared_from_the_answer_before_it(url, dec, mo
     c = client(url)
     generate(c)
     orig = dec.redecode_stream
-
-    def slow(*a, **k):
-        for tr in orig(*a, **k):
-            time.sleep(0.05)
-            yield tr
-    monkeypatch.setattr(dec, "redecode_stream", slow)
+    monkeypatch.setattr(dec, "redecode_stream", slowed(orig, 0.05))
     job = c.submit(0.05, N, api_name="/redecode")
     deadline = time.time() + 30
     while len(job.outputs()) < 3 and time.time() < deadline:
@@ -343,12 +338,7 @@ def test_compare_marks_a_shipped_example_right_or_wrong(url, dec):
 # ----------------------------------------------------------------------------------------------- stop
 def test_stop_cancels_and_next_request_works(url, dec, monkeypatch):
     orig = dec.stream
-
-    def slow(*a, **k):
-        for tr in orig(*a, **k):
-            time.sleep(0.05)
-            yield tr
-    monkeypatch.setattr(dec, "stream", slow)
+    monkeypatch.setattr(dec, "stream", slowed(orig, 0.05))
     c = client(url)
     job = c.submit(PROMPT, "base", 0.5, 0.3, 0.5, 400, api_name="/generate")
     deadline = time.time() + 30

@@ -44,7 +44,7 @@ from colm.decode import CoLLM, DecodeState, Policy
 from colm.head import DeferralHead
 from colm.engines import load_pair
 from colm.models import ChunkedGGUF, ColmError
-from conftest import free_port, make_test_head
+from conftest import free_port, make_test_head, slowed
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*",
                                         "ignore::colm.head.UntrainedHeadWarning")
@@ -799,12 +799,7 @@ def test_killed_cold_start_leaves_no_trusted_cache(fake_default, phase, tmp_path
 # ----------------------------------------------------------------------------------------------- stop, repeatedly
 def test_stop_ten_times_leaves_nothing_behind(url, dec, monkeypatch):
     orig = dec.stream
-
-    def slow(*a, **k):
-        for tr in orig(*a, **k):
-            time.sleep(0.02)
-            yield tr
-    monkeypatch.setattr(dec, "stream", slow)
+    monkeypatch.setattr(dec, "stream", slowed(orig, 0.02))
     c = gradio_client.Client(url, verbose=False)
 
     def stopped_once() -> str:
