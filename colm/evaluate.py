@@ -314,12 +314,17 @@ def main(args) -> int:
             raise ColmError("--write-threshold stores η chosen on dev half A (--split dev-a); half B is for reporting")
         head.meta["threshold"] = res["chosen"]["threshold"]
         head.meta.setdefault("thresholds", {})[pair.engine] = res["chosen"]["threshold"]   # η per engine
-        head.meta["protocol"] = {"chosen_on": args.split, "dev_size": args.dev_size, "n_examples": len(examples),
-                                 "max_new_tokens": args.max_new_tokens, "max_deferral": args.max_deferral,
-                                 "stop": "eos or '#### n' line"}
+        protocol = {"chosen_on": args.split, "engine": pair.engine, "dev_size": args.dev_size,
+                    "n_examples": len(examples), "max_new_tokens": args.max_new_tokens,
+                    "max_deferral": args.max_deferral, "stop": "eos or '#### n' line"}
+        head.meta["protocol"] = protocol
+        head.meta.setdefault("protocols", {})[pair.engine] = protocol
         keep = ("n_examples", "max_new_tokens", "max_deferral", "base", "expert", "chosen", "colm", "random",
-                "confidence", "proxy", "paired")
-        head.meta.setdefault("metrics", {})["dev"] = {k: res[k] for k in keep if k in res}
+                "confidence", "proxy", "paired", "backtrack")
+        # "dev" is the evidence with every baseline (tests/test_shipped_head.py reads it); a run without them
+        # (η confirmed on another engine or budget) is kept beside it under its own key instead of replacing it.
+        key = "dev" if not args.no_baselines else f"{args.split}/{pair.engine}/{args.max_new_tokens}"
+        head.meta.setdefault("metrics", {})[key] = {k: res[k] for k in keep if k in res}
         head.save(head_path)
     print(json.dumps({k: res[k] for k in ("base", "expert", "chosen", "random", "confidence", "paired", "backtrack")
                       if k in res},

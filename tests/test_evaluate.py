@@ -90,8 +90,13 @@ def test_evaluate_end_to_end_on_tiny_pair(pair_dirs, tmp_path, capsys):
     assert main(again) == 2
     err = capsys.readouterr().err
     assert "base.jsonl" in err and "max_new_tokens: 6 in the file, 4 now" in err and "--restart" in err
-    assert main(again + ["--restart"]) == 0
+    assert main(again + ["--restart", "--write-threshold"]) == 0
     assert [p.name for p in (out / "runs").glob("base.jsonl.replaced-*")]
+    # Without baselines, storing η keeps the full "dev" evidence and files this run beside it, by engine and budget.
+    kept = DeferralHead.load(tmp_path / "h.safetensors").meta
+    assert kept["metrics"]["dev"] == stored.meta["metrics"]["dev"]
+    assert kept["metrics"]["file/torch/4"]["n_examples"] == 4 and not kept["metrics"]["file/torch/4"]["random"]
+    assert kept["protocols"]["torch"]["max_new_tokens"] == 4 and kept["protocol"]["engine"] == "torch"
     assert all(len(r["ids"]) <= 4 for r in map(json.loads, (out / "runs" / "base.jsonl").read_text().splitlines()))
 
 
