@@ -57,3 +57,17 @@ def test_shipped_head_reproduces_its_stored_p_defer_on_real_base_features(shippe
     assert torch.equal(p > shipped.threshold, want > eta)
     # The stored decisions mean something: some positions on either side of η.
     assert 0 < int((want > eta).sum()) < len(want)
+
+
+def test_shipped_head_records_eta_per_engine_and_the_protocol_it_was_chosen_under(shipped):
+    """Issue 18: training set size, objective, η per engine and the protocol, in the file itself."""
+    meta = shipped.meta
+    assert meta["data"]["problems"] > 0 and meta["objective"]
+    assert set(meta["thresholds"]) >= {"torch", "llamacpp"}
+    for engine, eta in meta["thresholds"].items():
+        proto = meta["protocols"][engine]
+        assert proto["engine"] == engine and proto["chosen_on"] == "dev-a"   # never on half B
+        assert 0.0 < eta < 1.0 and proto["max_deferral"] is not None
+    evidence = meta["metrics"]["dev-a/llamacpp/512"]
+    assert evidence["chosen"]["threshold"] == meta["thresholds"]["llamacpp"]
+    assert evidence["chosen"]["deferral"] <= meta["protocols"]["llamacpp"]["max_deferral"]
