@@ -1,0 +1,36 @@
+"""bench/protocol_table.py renders what an evaluation measured, intervals and paired differences included."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from protocol_table import main  # noqa: E402
+
+from colm.stats import paired, wilson  # noqa: E402
+
+
+def point(k, n, deferral, **extra):
+    return {"n": n, "accuracy": k / n, "accuracy_ci": list(wilson(k, n)), "deferral": deferral, "capped": 1,
+            "mean_tokens": 250.0, **extra}
+
+
+@pytest.mark.parametrize("with_seeds", [1, 3])
+def test_protocol_table_renders_every_policy_with_its_interval(tmp_path, with_seeds):
+    colm = {i: i % 2 == 0 for i in range(10)}
+    expert = {i: i % 3 == 0 for i in range(10)}
+    per_seed = [{"seed": s, **point(3 + s, 10, 0.3)} for s in range(with_seeds)]
+    res = {"split": "dev-b", "n_examples": 10, "max_new_tokens": 512, "engine": "llamacpp",
+           "base": point(2, 10, 0.0), "expert": point(4, 10, 1.0), "chosen": {"threshold": 0.145, **point(5, 10, 0.32)},
+           "random": [{"rate": 0.32, "seeds": list(range(with_seeds)), "per_seed": per_seed, "accuracy": 0.4,
+                       "accuracy_sd": 0.1, "deferral": 0.3}],
+           "paired": {"colm_vs_expert": paired(colm, expert)}}
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    text = main(str(tmp_path / "results.json"))
+    lo, hi = wilson(5, 10)
+    assert f"50.0 % [{100 * lo:.1f}, {100 * hi:.1f}] (5/10) | 32.0 %" in text
+    assert text.count("random deferral, rate 0.320, seed") == with_seeds
+    assert ("mean of seeds" in text) == (with_seeds > 1)
+    c = res["paired"]["colm_vs_expert"]
+    assert f"| Co-LLM − expert | {100 * c['difference']:+.1f} " in text and f"| {c['only_a']} / {c['only_b']} |" in text
