@@ -169,6 +169,22 @@ def test_llamacpp_score_matches_feed(llama_pair):
 
 
 @needs_default
+def test_llamacpp_score_reduces_long_sequences_in_blocks_without_mixing_positions(llama_pair):
+    """score() reduces 32 positions at a time: every position's numbers still land at its own index, across
+    blocks and sequences (checked against asking for that one position alone, the same llama.cpp calls)."""
+    eng = llama_pair.base
+    seqs = [[100 + i for i in range(80)], [300 + i for i in range(45)]]
+    at = [range(0, 80), range(5, 45)]
+    ident = lambda lg, s: {"lg": lg, "start": torch.full((len(lg),), s)}
+    got, hid = eng.score(seqs, at, hidden=True, reduce=ident)
+    assert got["lg"].shape[0] == hid.shape[0] == 80 + 40
+    assert torch.equal(got["start"][[0, 31, 32, 79, 80, 119]], torch.tensor([0, 0, 32, 64, 80, 112]))
+    for row, (seq_i, j) in {0: (0, 0), 33: (0, 33), 79: (0, 79), 80: (1, 5), 119: (1, 44)}.items():
+        one, one_h = eng.score([seqs[seq_i]], [[j]], hidden=True, reduce=ident)
+        assert torch.equal(one["lg"][0], got["lg"][row]) and torch.equal(one_h[0], hid[row])
+
+
+@needs_default
 def test_context_overflow_refused_by_the_decoder(llama_pair, llama_head):
     with pytest.raises(ColmError, match="context"):
         CoLLM(llama_pair, llama_head).generate("hello", threshold=0.5, max_new_tokens=llama_pair.base.n_ctx)
