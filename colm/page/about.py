@@ -95,12 +95,15 @@ PAGE_JS = r"""
   let seen = false;
   try { seen = !!localStorage.getItem("colm-about-seen"); localStorage.setItem("colm-about-seen", "1"); } catch (e) {}
   if (!seen) return;
-  let tries = 0;
+  // A click that lands before Gradio has wired the toggle is lost (seen on a loaded machine), so look again
+  // after each click and stop only once the panel is seen closed: a visitor who reopens it later keeps it open.
+  let tries = 0, clicked = false;
   const close = () => {
     const body = document.querySelector("#about .colm-about");
     const toggle = document.querySelector("#about button, #about .label-wrap");
-    if (body && toggle && body.offsetParent !== null) { toggle.click(); return; }
-    if (++tries < 100) setTimeout(close, 100);
+    if (clicked && body && body.offsetParent === null) return;
+    if (body && toggle && body.offsetParent !== null) { toggle.click(); clicked = true; }
+    if (++tries < 100) setTimeout(close, clicked ? 500 : 100);
   };
   close();
 }
