@@ -2,7 +2,8 @@
 
 Every decode, Co-LLM and baselines alike, is a resumable run file in ``--out``/runs/ written by
 ``colm.runs.run_policy`` (one line per problem, a manifest beside it that a resume must match), so an evaluation can
-stop and resume (or be extended) without redoing work, and never resumes from a file another setting wrote.
+stop and resume (or be extended) without redoing work, and never resumes from a file another setting wrote.  The
+two teacher-forced passes (``colm.scoring``) are cached there too, keyed by the head's weights and the answers.
 The random baseline runs with several seeds (0, 1, 2 by default) and is reported as their mean ± sd.
 
 The protocol (colm.data.halves): choose the head variant and η on dev half A (``--split dev-a``, the default),
@@ -23,6 +24,7 @@ from .data import Example
 from .decode import CoLLM, Policy
 from .models import ColmError
 from .runs import backtracked, data_fingerprint, run_policy, summarize  # noqa: F401  (re-exported)
+from .scoring import disagreement_proxy, proxy_features, proxy_scores, teacher_forced_scores  # noqa: F401
 from .stats import paired as paired_comparison
 
 RANDOM_SEEDS = (0, 1, 2)
@@ -36,51 +38,6 @@ def quantile_thresholds(p: torch.Tensor, fractions=FRACTIONS) -> list[float]:
     """
     p = p.double().flatten()
     return [1.0 if f <= 0 else float(torch.quantile(p, 1.0 - f)) for f in fractions]
-
-
-@torch.inference_mode()
-def teacher_forced_scores(dec: CoLLM, examples: list[Example], answers: dict[int, dict], batch_size: int = 8):
-    """Along given answers (e.g. the base's greedy ones): p_defer and the base's probability of each token."""
-    from .train import features_for_batch, sequences
-    seqs = sequences(examples, dec.encode, dec.pair.tokenizer, answers)
-    ps, lps = [], []
-    for s in range(0, len(seqs), batch_size):
-        f = features_for_batch(dec.pair, seqs[s:s + batch_size], with_expert=False)
-        ps.append(dec.head.p_defer(f["h"].float(), conf=f["conf"]).cpu())
-        lps.append(f["lp_base"])
-    return torch.cat(ps), torch.cat(lps).exp()
-
-
-@torch.inference_mode()
-def proxy_features(dec: CoLLM, examples: list[Example], expert_answers: dict[int, dict], batch_size: int = 8):
-    """Along the expert's greedy answers: what the head reads ({"h": [N, H], "conf": [N, 3]}) and whether the
-    base's argmax differs [N]."""
-    from .train import disagreement_labels, features_for_batch, sequences
-    seqs = sequences(examples, dec.encode, dec.pair.tokenizer, expert_answers)
-    parts = [features_for_batch(dec.pair, seqs[s:s + batch_size], with_expert=False)
-             for s in range(0, len(seqs), batch_size)]
-    x = {k: torch.cat([f[k] for f in parts]) for k in ("h", "conf")}
-    return x, torch.cat([disagreement_labels(f) for f in parts])   # the expert's argmax is the target here
-
-
-def proxy_scores(p: torch.Tensor, z: torch.Tensor, fractions=(0.1, 0.2, 0.3)) -> dict:
-    """AUC of p_defer [N] against the disagreements z [N], and the share of them caught at each deferral fraction."""
-    from .train import auc
-    out = {"tokens": int(len(p)), "disagreement_rate": float(z.mean()), "auc": auc(p, z)}
-    for frac in fractions:
-        k = max(1, int(len(p) * frac))
-        out[f"recall_at_{round(frac * 100)}pct"] = float(z[p.topk(k).indices].sum() / z.sum().clamp_min(1))
-    return out
-
-
-@torch.inference_mode()
-def disagreement_proxy(dec: CoLLM, examples: list[Example], expert_answers: dict[int, dict],
-                       fractions=(0.1, 0.2, 0.3), batch_size: int = 8) -> dict:
-    """Cheap check of a head without free generation: along the expert's greedy answers, how well does p_defer
-    rank the positions where the base would have said something else?  Deferring at exactly those positions
-    reproduces the expert's answer, so high recall at a low deferral fraction predicts expert-level accuracy."""
-    x, z = proxy_features(dec, examples, expert_answers, batch_size)
-    return proxy_scores(dec.head.p_defer(x["h"].float(), conf=x["conf"]).cpu(), z, fractions)
 
 
 def choose(points: list[dict], max_deferral: float | None = None) -> dict:
@@ -144,13 +101,13 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
     if baselines:
         expert = run(Policy("expert"), "expert", examples)
         results["expert"] = summarize(expert, "expert")
-        results["proxy"] = disagreement_proxy(dec, sweep_examples, expert)
+        results["proxy"] = disagreement_proxy(dec, sweep_examples, expert, cache=runs)
         on_update(results)
     # Thresholds from the head's scores along the base's own answers: what the decoder sees before it defers.  The
     # confidence baseline's cut-off comes from the same pass; with neither needed, skip it (minutes on a real pair).
     p = top = None
     if thresholds is None or baselines:
-        p, top = teacher_forced_scores(dec, sweep_examples, base)
+        p, top = teacher_forced_scores(dec, sweep_examples, base, cache=runs)
     if thresholds is None:
         thresholds = quantile_thresholds(p, fractions)
 

@@ -57,13 +57,13 @@ def test_evaluate_end_to_end_on_tiny_pair(pair_dirs, tmp_path, capsys):
     assert {"colm_vs_expert", "colm_vs_base", "colm_vs_confidence", "colm_vs_random_seed0"} <= set(res["paired"])
     cmp = res["paired"]["colm_vs_expert"]
     assert cmp["n"] == 4 and cmp["accuracy_a"] == res["chosen"]["accuracy"] and cmp["accuracy_b"] == res["expert"]["accuracy"]
-    # Re-running reuses every decode (resumable JSONL runs): same results, no new lines.
-    lines = {p.name: p.read_text() for p in (out / "runs").iterdir()}
+    # Re-running reuses every decode (resumable JSONL runs) and both teacher-forced passes: no file changes.
+    lines = {p.name: p.read_bytes() for p in (out / "runs").iterdir()}
     assert main(["evaluate", "--data", str(data), "--split", "file", "--limit", "4", "--head", str(tmp_path / "h.safetensors"),
                  "--out", str(out), "--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"),
                  "--thresholds", ",".join(str(p["threshold"]) for p in res["colm"]), "--max-new-tokens", "6",
                  "--batch-size", "2", "--dtype", "fp32"]) == 0
-    assert {p.name: p.read_text() for p in (out / "runs").iterdir() if p.name in lines} == lines
+    assert {p.name: p.read_bytes() for p in (out / "runs").iterdir() if p.name in lines} == lines
     # A fixed baseline rate names (and decodes) the random run at that rate instead of the chosen frequency.
     assert main(["evaluate", "--data", str(data), "--split", "file", "--limit", "4", "--head", str(tmp_path / "h.safetensors"),
                  "--out", str(out), "--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"),
@@ -116,6 +116,41 @@ def test_teacher_forced_pass_only_when_a_sweep_or_baseline_needs_it(pair, tmp_pa
     res = ev.evaluate(CoLLM(pair, head), ex, tmp_path, fractions=[0.0, 0.5], thresholds=thresholds, batch_size=2,
                       max_new_tokens=3, baselines=baselines)
     assert len(calls) == passes and res["chosen"]["n"] == 2
+
+
+def test_a_resumed_evaluation_reuses_its_teacher_forced_passes(pair, tmp_path, monkeypatch):
+    """The two passes are minutes each on a real pair: a rerun over the same run files must not repeat them, and
+    must repeat them for a head with other weights (same name) or other answers."""
+    import colm.evaluate as ev
+    import colm.train as train
+    from colm.data import Example
+    from colm.decode import CoLLM
+    calls = []
+    real = train.features_for_batch
+    monkeypatch.setattr(train, "features_for_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ex = [Example(i, f"Tom has {i} apples.", "", str(i)) for i in range(3)]
+
+    def run(head, n=3):
+        calls.clear()
+        res = ev.evaluate(CoLLM(pair, head), ex[:n], tmp_path, fractions=[0.0, 0.5], batch_size=2,
+                          max_new_tokens=3, data=ev.data_fingerprint(ex))     # one data file, any subset of it
+        return res, len(calls)
+
+    torch.manual_seed(0)
+    head = DeferralHead(32, {"trained": True, "threshold": 0.5, "name": "h"})
+    first, n_first = run(head)
+    again, n_again = run(head)
+    assert n_first > 0 and n_again == 0
+    assert json.dumps(again["proxy"]) == json.dumps(first["proxy"]) and again["colm"] == first["colm"]   # NaN AUC
+    assert again["confidence"][0]["min_prob"] == first["confidence"][0]["min_prob"]
+    assert {p.name for p in (tmp_path / "runs").glob("*.safetensors")} == {"teacher-forced-base.safetensors",
+                                                                          "proxy-expert.safetensors"}
+    with torch.no_grad():
+        head.linear.weight.add_(0.5)                    # same name, other weights: the cache must not answer
+    _, n_other = run(head)
+    assert n_other == n_first
+    _, n_fewer = run(head, n=2)                          # other answers (a shorter run): recomputed too
+    assert n_fewer > 0
 
 
 @pytest.mark.parametrize("budget, want", [(None, 0.5), (0.35, 0.2), (0.25, 0.2), (0.15, 0.1), (0.0, 0.0)])
