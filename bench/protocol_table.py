@@ -1,7 +1,9 @@
 """An evaluation's results.json as the markdown tables README and docs/BENCHMARKS.md show: every policy's accuracy
 with its 95 % Wilson interval and count, its deferral, how many answers hit the token cap; then Co-LLM against
 each other policy on the same problems (paired bootstrap interval of the difference, discordant counts, McNemar).
-A results.json written part-way (random seeds still running) renders what it has.
+A results.json written part-way (random seeds still running) renders what it has.  With a course-corrected sweep
+(``--backtrack`` over several thresholds) a third table puts each corrected point beside the plain curve at the
+same cost (issue 21's matched-cost comparison).
 
     python bench/protocol_table.py runs/evalB512/results.json
 """
@@ -10,6 +12,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from colm.viz import corrected_cost
 
 
 def pct(x: float) -> str:
@@ -61,11 +65,39 @@ def paired_rows(res: dict) -> list[str]:
     return rows
 
 
+def plain_at(points: list[dict], x: float) -> float | None:
+    """The plain sweep's accuracy at deferral ``x``, linear between its two neighbouring points (None outside)."""
+    pts = sorted((p["deferral"], p["accuracy"]) for p in points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def matched_cost_rows(res: dict) -> list[str]:
+    curve = res.get("backtrack_curve") or []
+    if not curve:
+        return []
+    rows = ["| η | plain: deferral, accuracy | corrected: expert's share (dropped lines included), accuracy | fired / "
+            "fixed / broke | expert tokens processed, plain → corrected | plain curve at the corrected cost | "
+            "corrected − that |", "|---|---|---|---|---|---|---|"]
+    plain = {round(p["threshold"], 9): p for p in res.get("colm", [])}
+    for c in curve:
+        p = plain.get(round(c["threshold"], 9))
+        cost = corrected_cost(c)
+        at = plain_at(res.get("colm", []) + [res[k] for k in ("base", "expert") if k in res], cost)
+        plain_cell = f"{pct(p['deferral'])} %, {acc(p)}" if p else "–"
+        at_cell, gain = (f"{pct(at)} %", f"{100 * (c['accuracy'] - at):+.1f}") if at is not None else ("–", "–")
+        rows.append(f"| {c['threshold']:.3f} | {plain_cell} | {pct(cost)} %, {acc(c)} | {c['fired']} / {c['fixed']} / "
+                    f"{c['broke']} | {c['expert_fed'][0]:,} → {c['expert_fed'][1]:,} | {at_cell} | {gain} |")
+    return rows
+
+
 def main(path: str) -> str:
     res = json.loads(Path(path).read_text())
     head = (f"{res.get('split', '?')}, {res['n_examples']} problems, ≤ {res['max_new_tokens']} new tokens, "
             f"engine {res.get('engine', '?')}")
-    return "\n".join([head, "", *policy_rows(res), "", *paired_rows(res)])
+    return "\n".join([head, "", *policy_rows(res), "", *paired_rows(res), "", *matched_cost_rows(res)]).rstrip() + "\n"
 
 
 if __name__ == "__main__":

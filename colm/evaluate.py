@@ -78,7 +78,8 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
     ``data`` identifies the data file (``colm.runs.data_fingerprint``; default: of ``examples``); ``restart``
     moves aside run files written by other settings instead of refusing them (``colm.runs.open_run``).
     ``on_update(results)`` is called after every stage, so a long run leaves partial results behind.  ``backtrack``
-    (a ``colm.backtrack.Backtrack``) adds the chosen point with course correction (``results["backtrack"]``)."""
+    (a ``colm.backtrack.Backtrack``) adds the chosen point with course correction (``results["backtrack"]``) and,
+    with more than one threshold, every swept point with it too (``results["backtrack_curve"]``)."""
     on_update = on_update or (lambda r: None)
     runs = out / "runs"
     sweep_examples = sweep_examples or examples
@@ -124,6 +125,12 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
     results["colm"], results["random"] = [], []
     for thr in thresholds:
         results["colm"].append(colm(thr, sweep_examples))
+        if backtrack is not None and len(thresholds) > 1:
+            # Course correction costs expert work, so it is judged against the plain curve at equal cost: the same
+            # η with correction is a point further right, not the same point (issue 21's matched-cost comparison).
+            results.setdefault("backtrack_curve", []).append(
+                backtracked(dec, sweep_examples, thr, chosen_runs[0], runs, backtrack, max_new_tokens, data,
+                            restart, data_file))
         on_update(results)
     chosen = choose(results["colm"], max_deferral)
     if max_deferral is not None:
@@ -196,7 +203,8 @@ def add_arguments(p) -> None:
                         "runs are still reused")
     p.add_argument("--write-threshold", action="store_true", help="store the chosen threshold in the head file")
     p.add_argument("--backtrack", action="store_true",
-                   help="also run the chosen point with course correction (colm.backtrack): results['backtrack']")
+                   help="also run the chosen point (and, with several thresholds, every swept one) with course "
+                        "correction (colm.backtrack): results['backtrack'] and ['backtrack_curve']")
     p.add_argument("--max-retries", type=int, default=2, help="--backtrack: rollbacks an answer at most")
 
 
@@ -277,7 +285,7 @@ def main(args) -> int:
         head.meta["protocol"] = protocol
         head.meta.setdefault("protocols", {})[pair.engine] = protocol
         keep = ("n_examples", "max_new_tokens", "max_deferral", "base", "expert", "chosen", "colm", "random",
-                "confidence", "proxy", "paired", "backtrack")
+                "confidence", "proxy", "paired", "backtrack", "backtrack_curve")
         # "dev" is the evidence with every baseline (tests/test_shipped_head.py reads it); a run without them
         # (η confirmed on another engine or budget) is kept beside it under its own key instead of replacing it.
         key = "dev" if not args.no_baselines else f"{args.split}/{pair.engine}/{args.max_new_tokens}"

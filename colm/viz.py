@@ -179,6 +179,12 @@ def _random_curve(fig, points) -> None:
                        f"{q['accuracy']:.1%}" for q in seeds], hoverinfo="text"))
 
 
+def corrected_cost(point: dict) -> float:
+    """A course-corrected point's cost on the deferral axis: the expert's tokens, those of the lines it dropped
+    included, over the answers' tokens (so equal x means equal expert writing, the matched-cost comparison)."""
+    return point["expert_written"][1] / max(1.0, point["mean_tokens"] * point["n"])
+
+
 def curve_figure(results: dict) -> go.Figure:
     """The paper's accuracy-vs-deferral-frequency plot from an evaluation results dict (any part optional).  Random
     deferral is the mean over its seeds with ± sd error bars, each seed's point drawn faintly behind."""
@@ -201,12 +207,12 @@ def curve_figure(results: dict) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=[chosen["deferral"]], y=[chosen["accuracy"]], mode="markers", name=f"chosen η = {fmt_threshold(chosen['threshold'])}",
             marker=dict(symbol="star", size=18, color=FLIP_COLOR, line=dict(color=INK, width=1)), hoverinfo="name"))
+    _curve(fig, [{**p, "deferral": corrected_cost(p)} for p in results.get("backtrack_curve") or () if p.get("n")],
+           "threshold", "Co-LLM + course correction (at its cost)", FLIP_COLOR, "dash", "star-open")
     corrected = results.get("backtrack")
     if corrected and corrected.get("n"):
-        # At its cost: the expert's tokens including the lines course correction dropped, over the answers' tokens.
-        x = corrected["expert_written"][1] / (corrected["mean_tokens"] * corrected["n"])
         fig.add_trace(go.Scatter(
-            x=[x], y=[corrected["accuracy"]], mode="markers", hoverinfo="name",
+            x=[corrected_cost(corrected)], y=[corrected["accuracy"]], mode="markers", hoverinfo="name",
             name=(f"+ course correction ({corrected['fired']} fired, {corrected['fixed']} fixed, "
                   f"{corrected['broke']} broke)"),
             marker=dict(symbol="star-open", size=16, color=FLIP_COLOR, line=dict(color=FLIP_COLOR, width=2))))

@@ -172,6 +172,13 @@ def test_a_backtracking_run_decodes_again_only_the_answers_with_a_wrong_line(dec
     b = res["backtrack"]
     assert b["n"] == 4 and b["fired"] == 1 and b["rollbacks"] >= 1 and b["fixed"] + b["broke"] <= 1
     assert b["expert_fed"][1] >= b["expert_fed"][0] and "paired_vs_colm" in b
+    assert "backtrack_curve" not in res                       # one threshold: the chosen point is the curve
+    # A sweep: every η with correction too, each from its own plain run; the chosen point's file is shared.
+    sweep = evaluate(dec, exs, tmp_path / "ev", thresholds=[1.0, ETA], batch_size=1, max_new_tokens=N,
+                     baselines=False, backtrack=cfg)
+    curve = sweep["backtrack_curve"]
+    assert [p["threshold"] for p in curve] == [1.0, ETA] and curve[1] == b
+    assert curve[0]["expert_written"][0] == 0 and all(p["n"] == 4 for p in curve)
 
 
 def test_a_corrected_answer_can_be_branched_and_re_decoded(dec, monkeypatch):

@@ -34,3 +34,21 @@ def test_protocol_table_renders_every_policy_with_its_interval(tmp_path, with_se
     assert ("mean of seeds" in text) == (with_seeds > 1)
     c = res["paired"]["colm_vs_expert"]
     assert f"| Co-LLM − expert | {100 * c['difference']:+.1f} " in text and f"| {c['only_a']} / {c['only_b']} |" in text
+
+
+def test_matched_cost_table_compares_each_corrected_point_with_the_plain_curve_at_its_cost(tmp_path):
+    corrected = lambda thr, k, written: {"threshold": thr, **point(k, 10, 0.0), "expert_written": [0, written],
+                                         "expert_fed": [100, 1200], "fired": 2, "fixed": 1, "broke": 0}
+    res = {"n_examples": 10, "max_new_tokens": 512, "base": point(2, 10, 0.0), "expert": point(6, 10, 1.0),
+           "colm": [{"threshold": 1.0, **point(2, 10, 0.0)}, {"threshold": 0.2, **point(4, 10, 0.2)},
+                    {"threshold": 0.1, **point(5, 10, 0.4)}],
+           # at 30 % of 2,500 tokens the plain curve reads 45 %; at 90 % it reads between 0.4 (50 %) and expert (60 %)
+           "backtrack_curve": [corrected(0.2, 5, 750), corrected(0.1, 5, 2250)]}
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    rows = [r for r in main(str(tmp_path / "results.json")).splitlines() if r.startswith("| 0.")]
+    assert len(rows) == 2
+    assert "| 30.0 %, 50.0 %" in rows[0] and "| 45.0 % | +5.0 |" in rows[0] and "| 2 / 1 / 0 | 100 → 1,200 |" in rows[0]
+    assert "| 90.0 %, 50.0 %" in rows[1] and "| 58.3 % | -8.3 |" in rows[1]
+    res.pop("backtrack_curve")
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    assert "corrected −" not in main(str(tmp_path / "results.json"))

@@ -243,3 +243,13 @@ def test_curve_figure_draws_course_correction_at_its_cost():
     t = next(t for t in fig.data if t.name and t.name.startswith("+ course correction"))
     assert list(t.x) == [0.35] and list(t.y) == [0.5] and "1 fixed" in t.name
     assert not any(t.name and "course correction" in t.name for t in viz.curve_figure(RESULTS).data)
+
+
+def test_curve_figure_draws_the_course_corrected_sweep_at_its_cost():
+    """Each η with course correction sits at the expert's tokens it cost (dropped lines included), not at the plain
+    point's deferral: the figure is the matched-cost comparison."""
+    pt = lambda thr, acc, written: {"threshold": thr, "n": 10, "accuracy": acc, "deferral": 0.0, "mean_tokens": 100.0,
+                                    "expert_written": [0, written], "fired": 1, "fixed": 0, "broke": 0}
+    res = {**RESULTS, "backtrack_curve": [pt(0.2, 0.55, 640), pt(0.9, 0.33, 90), pt(1.0, 0.29, 30)]}
+    t = next(t for t in viz.curve_figure(res).data if t.name and t.name.startswith("Co-LLM + course correction"))
+    assert list(t.x) == [0.03, 0.09, 0.64] and list(t.y) == [0.29, 0.33, 0.55]
