@@ -13,7 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from colm.viz import corrected_cost
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from colm.viz import corrected_cost  # noqa: E402
 
 
 def pct(x: float) -> str:
