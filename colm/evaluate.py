@@ -23,7 +23,7 @@ import torch
 from .data import Example
 from .decode import CoLLM, Policy
 from .models import ColmError
-from .runs import backtracked, data_fingerprint, run_policy, summarize  # noqa: F401  (re-exported)
+from .runs import backtracked, data_fingerprint, read_done, run_policy, summarize  # noqa: F401  (re-exported)
 from .scoring import disagreement_proxy, proxy_features, proxy_scores, teacher_forced_scores  # noqa: F401
 from .stats import paired as paired_comparison
 
@@ -99,9 +99,12 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
                      "base_model": pair.base_id, "expert_model": pair.expert_id, "head": dec.head.identity,
                      "engine": pair.engine}
     results["base"] = summarize(base, "base")
-    if baselines:
+    if baselines or {e.index for e in examples} <= set(read_done(runs / "expert.jsonl")):
+        # An expert run already finished for these problems is reported without --baselines too: the curve's
+        # reference costs nothing then (and a run from other settings is still refused by its manifest).
         expert = run(Policy("expert"), "expert", examples)
         results["expert"] = summarize(expert, "expert")
+    if baselines:
         results["proxy"] = disagreement_proxy(dec, sweep_examples, expert, cache=runs)
         on_update(results)
     # Thresholds from the head's scores along the base's own answers: what the decoder sees before it defers.  The

@@ -118,6 +118,22 @@ def test_teacher_forced_pass_only_when_a_sweep_or_baseline_needs_it(pair, tmp_pa
     assert len(calls) == passes and res["chosen"]["n"] == 2
 
 
+def test_without_baselines_a_finished_expert_run_is_reported_and_nothing_is_decoded_for_it(pair, tmp_path):
+    import colm.evaluate as ev
+    from colm.data import Example
+    from colm.decode import CoLLM
+    ex = [Example(i, f"Tom has {i} apples.", "", str(i)) for i in range(3)]
+    dec = CoLLM(pair, DeferralHead(32, {"trained": True, "threshold": 0.5}))
+    kw = dict(thresholds=[0.5], batch_size=2, max_new_tokens=3, baselines=False, data=ev.data_fingerprint(ex))
+    path = tmp_path / "runs" / "expert.jsonl"
+    ev.run_policy(dec, ex[:2], Policy("expert"), path, 2, 3, tag={"model": "expert"}, data=kw["data"])
+    before = path.read_bytes()
+    assert "expert" not in ev.evaluate(dec, ex, tmp_path, **kw)              # 2 of 3 done: not decoded, not shown
+    assert path.read_bytes() == before
+    res = ev.evaluate(dec, ex[:2], tmp_path, **kw)                             # all done: reported as it stands
+    assert res["expert"]["n"] == 2 and res["expert"]["deferral"] == 1.0 and path.read_bytes() == before
+
+
 def test_a_resumed_evaluation_reuses_its_teacher_forced_passes(pair, tmp_path, monkeypatch):
     """The two passes are minutes each on a real pair: a rerun over the same run files must not repeat them, and
     must repeat them for a head with other weights (same name) or other answers."""
