@@ -99,11 +99,16 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
                      "base_model": pair.base_id, "expert_model": pair.expert_id, "head": dec.head.identity,
                      "engine": pair.engine}
     results["base"] = summarize(base, "base")
-    if baselines or {e.index for e in examples} <= set(read_done(runs / "expert.jsonl")):
-        # An expert run already finished for these problems is reported without --baselines too: the curve's
-        # reference costs nothing then (and a run from other settings is still refused by its manifest).
+    if baselines:
         expert = run(Policy("expert"), "expert", examples)
         results["expert"] = summarize(expert, "expert")
+    elif not restart and {e.index for e in examples} <= set(read_done(runs / "expert.jsonl")):
+        # An expert run already finished for these problems is reported without baselines too: the curve's
+        # reference costs nothing then.  One made under other settings is left alone, never moved or redone.
+        try:
+            results["expert"] = summarize(run(Policy("expert"), "expert", examples), "expert")
+        except ColmError:
+            pass
     if baselines:
         results["proxy"] = disagreement_proxy(dec, sweep_examples, expert, cache=runs)
         on_update(results)

@@ -132,6 +132,10 @@ def test_without_baselines_a_finished_expert_run_is_reported_and_nothing_is_deco
     assert path.read_bytes() == before
     res = ev.evaluate(dec, ex[:2], tmp_path, **kw)                             # all done: reported as it stands
     assert res["expert"]["n"] == 2 and res["expert"]["deferral"] == 1.0 and path.read_bytes() == before
+    import shutil
+    shutil.copytree(tmp_path / "runs", tmp_path / "o" / "runs", ignore=shutil.ignore_patterns("base*", "colm*"))
+    other = ev.evaluate(dec, ex[:2], tmp_path / "o", **{**kw, "max_new_tokens": 2})   # other settings: left alone
+    assert "expert" not in other and (tmp_path / "o" / "runs" / "expert.jsonl").read_bytes() == before
 
 
 def test_a_resumed_evaluation_reuses_its_teacher_forced_passes(pair, tmp_path, monkeypatch):
