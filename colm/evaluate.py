@@ -102,6 +102,8 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
     if baselines:
         expert = run(Policy("expert"), "expert", examples)
         results["expert"] = summarize(expert, "expert")
+        results["proxy"] = disagreement_proxy(dec, sweep_examples, expert, cache=runs)
+        on_update(results)
     elif not restart and {e.index for e in examples} <= set(read_done(runs / "expert.jsonl")):
         # An expert run already finished for these problems is reported without baselines too: the curve's
         # reference costs nothing then.  One made under other settings is left alone, never moved or redone.
@@ -109,9 +111,6 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
             results["expert"] = summarize(run(Policy("expert"), "expert", examples), "expert")
         except ColmError:
             pass
-    if baselines:
-        results["proxy"] = disagreement_proxy(dec, sweep_examples, expert, cache=runs)
-        on_update(results)
     # Thresholds from the head's scores along the base's own answers: what the decoder sees before it defers.  The
     # confidence baseline's cut-off comes from the same pass; with neither needed, skip it (minutes on a real pair).
     p = top = None

@@ -83,16 +83,20 @@ def teacher_forced_scores(dec: CoLLM, examples: list[Example], answers: dict[int
     return out["p_defer"], out["p_token"]
 
 
-@torch.inference_mode()
-def proxy_features(dec: CoLLM, examples: list[Example], expert_answers: dict[int, dict], batch_size: int = 8):
-    """Along the expert's greedy answers: what the head reads ({"h": [N, H], "conf": [N, 3]}) and whether the
-    base's argmax differs [N]."""
-    from .train import disagreement_labels, features_for_batch, sequences
-    seqs = sequences(examples, dec.encode, dec.pair.tokenizer, expert_answers)
+def _labelled_features(dec: CoLLM, seqs: list, batch_size: int):
+    from .train import disagreement_labels, features_for_batch
     parts = [features_for_batch(dec.pair, seqs[s:s + batch_size], with_expert=False)
              for s in range(0, len(seqs), batch_size)]
     x = {k: torch.cat([f[k] for f in parts]) for k in ("h", "conf")}
     return x, torch.cat([disagreement_labels(f) for f in parts])   # the expert's argmax is the target here
+
+
+@torch.inference_mode()
+def proxy_features(dec: CoLLM, examples: list[Example], expert_answers: dict[int, dict], batch_size: int = 8):
+    """Along the expert's greedy answers: what the head reads ({"h": [N, H], "conf": [N, 3]}) and whether the
+    base's argmax differs [N]."""
+    from .train import sequences
+    return _labelled_features(dec, sequences(examples, dec.encode, dec.pair.tokenizer, expert_answers), batch_size)
 
 
 def proxy_scores(p: torch.Tensor, z: torch.Tensor, fractions=(0.1, 0.2, 0.3)) -> dict:
@@ -114,8 +118,8 @@ def disagreement_proxy(dec: CoLLM, examples: list[Example], expert_answers: dict
     Only p_defer [N] and the disagreements [N] are cached, not the hidden states they came from."""
     from .train import sequences
 
-    def compute(_seqs):
-        x, z = proxy_features(dec, examples, expert_answers, batch_size)
+    def compute(seqs):
+        x, z = _labelled_features(dec, seqs, batch_size)
         return {"p_defer": dec.head.p_defer(x["h"].float(), conf=x["conf"]).cpu(), "disagree": z}
 
     seqs = sequences(examples, dec.encode, dec.pair.tokenizer, expert_answers)
