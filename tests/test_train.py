@@ -332,6 +332,35 @@ def test_train_cli_on_rollouts_with_gold(pair_dirs, tmp_path, model):
     assert sorted(read_done(more)) == sorted(e.index for e in halves(read_jsonl(data), 4)[0][6:9])
 
 
+def test_a_smaller_limit_reads_a_larger_runs_shards(pair_dirs, tmp_path, monkeypatch):
+    """A learning curve from one cache: `train --limit 5` after `--limit 10` reuses the whole shards the larger run
+    wrote (none rewritten for its partial size) and fits on exactly the first 5 training problems; the cache's
+    identity names the engine, so features from another engine are never mixed in."""
+    from colm.cli import main
+    from colm.data import halves, read_jsonl
+    from colm.head import DeferralHead
+    from colm.train import command
+    monkeypatch.setattr(command, "SHARD_EXAMPLES", 4)
+    data = gsm_file(tmp_path / "gsm.jsonl", 18)     # two dev halves of 4, 10 to train on
+    models = ["--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"), "--dtype", "fp32"]
+    feats = tmp_path / "feats"
+    common = ["train", "--data", str(data), "--dev-size", "4", "--objective", "gold-disagreement",
+              "--features", str(feats), *models]
+    assert main([*common, "--out", str(tmp_path / "all.safetensors")]) == 0
+    manifest = lambda: json.loads((feats / "gold" / "manifest.json").read_text())
+    before = manifest()
+    assert before["identity"]["engine"] == "torch" and len(before["shards"]) == 3     # 4 + 4 + 2 problems
+    stamps = {p.name: p.stat().st_mtime_ns for p in (feats / "gold").glob("shard-*")}
+    assert main([*common, "--limit", "5", "--out", str(tmp_path / "five.safetensors")]) == 0
+    assert manifest() == before
+    assert {p.name: p.stat().st_mtime_ns for p in (feats / "gold").glob("shard-*")} == stamps
+    head = DeferralHead.load(tmp_path / "five.safetensors")
+    assert head.meta["data"]["problems"] == 5 and head.meta["metrics"]["examples"] == 5
+    assert DeferralHead.load(tmp_path / "all.safetensors").meta["metrics"]["examples"] == 10
+    first5 = halves(read_jsonl(data), 4)[0][:5]
+    assert head.meta["data"]["sources"] == {"gold": len(first5)}
+
+
 @pytest.mark.parametrize("models", [("base", None), (None, None), ("base", "expert"), ("gpt", "gpt")],
                          ids=["mixed", "unnamed", "two-models", "unknown"])
 def test_train_cli_refuses_rollouts_without_one_named_model(pair_dirs, tmp_path, capsys, models):

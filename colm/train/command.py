@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from .features import FEATURE_KEYS, extract, sequences
 from .fitting import TrainConfig, fit
 from .joint import joint_train
 from .labels import rollout_model
+
+SHARD_EXAMPLES = 64   # problems per feature shard: the unit a cache is reused and resumed in
 
 
 def add_arguments(p) -> None:
@@ -53,9 +56,12 @@ def main(args) -> int:
     from ..loading import load_from_args
     from ..rollouts import read_done
     data_path = Path(args.data) if args.data else DEFAULT_DATA
-    train_ex = halves(read_jsonl(data_path), args.dev_size)[0]   # neither dev half
-    if args.limit:
-        train_ex = train_ex[:args.limit]
+    pool = halves(read_jsonl(data_path), args.dev_size)[0]   # neither dev half
+    train_ex = pool[:args.limit] if args.limit else pool
+    # The gold cache is extracted in whole shards of the pool's file order, so a smaller --limit reads the shards a
+    # larger run made (a learning curve from one cache) instead of rewriting the last one for its partial size;
+    # the problems past --limit in that shard are dropped from the features before the fit.
+    gold_ex = pool[:math.ceil(len(train_ex) / SHARD_EXAMPLES) * SHARD_EXAMPLES]
     pair, _ = load_from_args(args, need_head=False)
     enc = CoLLM(pair).encode
     tok = pair.tokenizer
@@ -63,7 +69,7 @@ def main(args) -> int:
     root = Path(args.features)
     sources = []  # (name, sequences, cache directory, run the expert too)
     if args.objective != "disagreement" or args.with_gold:
-        sources.append(("gold", sequences(train_ex, enc, tok, None, eos), root / "gold", True))
+        sources.append(("gold", sequences(gold_ex, enc, tok, None, eos), root / "gold", True))
     if args.objective == "disagreement" and not args.rollouts:
         raise ColmError("--objective disagreement needs --rollouts (greedy answers); make them with "
                         "`python -m colm rollouts` or use --objective gold-disagreement")
@@ -82,10 +88,16 @@ def main(args) -> int:
     for name, seqs, cache, with_expert in sources:
         if not seqs:
             raise ColmError(f"no training sequences from {name} (are the rollouts for this data file?)")
+        # The engine is part of what a feature is: llama.cpp's quantised weights and torch's bf16 give different
+        # hidden states, and a cache must never mix them.
         ident = {"base": pair.base_id, "expert": pair.expert_id if with_expert else None, "data": str(data_path),
-                 "source": name}
-        feats.append(extract(pair, seqs, cache, ident, batch_size=args.batch_size, with_expert=with_expert))
+                 "source": name, "engine": pair.engine}
+        feats.append(extract(pair, seqs, cache, ident, batch_size=args.batch_size, shard_examples=SHARD_EXAMPLES,
+                             with_expert=with_expert))
+    keep = {e.index for e in train_ex}
     f = {k: torch.cat([x[k] for x in feats]) for k in FEATURE_KEYS}
+    f = {k: v[torch.isin(f["example"], torch.tensor(sorted(keep)))] for k, v in f.items()}
+    sources = [(name, [s for s in src if s[0] in keep], cache, w) for name, src, cache, w in sources]
     seqs = [s for _, src, _, _ in sources for s in src]
     cfg = TrainConfig(objective=args.objective, init=args.init, seed=args.seed, confidence=args.inputs != "hidden")
     meta = {"base_model": pair.base_id, "expert_model": pair.expert_id, "threshold": args.threshold,
