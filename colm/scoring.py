@@ -87,14 +87,14 @@ def _labelled_features(dec: CoLLM, seqs: list, batch_size: int):
     from .train import disagreement_labels, features_for_batch
     parts = [features_for_batch(dec.pair, seqs[s:s + batch_size], with_expert=False)
              for s in range(0, len(seqs), batch_size)]
-    x = {k: torch.cat([f[k] for f in parts]) for k in ("h", "conf")}
+    x = {k: torch.cat([f[k] for f in parts]) for k in ("h", "conf", "example")}   # example: per-problem resampling
     return x, torch.cat([disagreement_labels(f) for f in parts])   # the expert's argmax is the target here
 
 
 @torch.inference_mode()
 def proxy_features(dec: CoLLM, examples: list[Example], expert_answers: dict[int, dict], batch_size: int = 8):
-    """Along the expert's greedy answers: what the head reads ({"h": [N, H], "conf": [N, 3]}) and whether the
-    base's argmax differs [N]."""
+    """Along the expert's greedy answers: what the head reads ({"h": [N, H], "conf": [N, 3]}, with each token's
+    problem in "example" [N]) and whether the base's argmax differs [N]."""
     from .train import sequences
     return _labelled_features(dec, sequences(examples, dec.encode, dec.pair.tokenizer, expert_answers), batch_size)
 
