@@ -5,7 +5,7 @@ caught at 10 / 20 / 30 % deferral) — with 95 % intervals and paired difference
 No free generation: the proxy costs one base pass over the answers.
 
     python bench/learning_curve.py --features runs/features/gold --sizes 500 2000 all \\
-        --answers data/eval-devA-llamacpp/expert.jsonl [--objectives gold-disagreement marginal] \\
+        --answers data/eval-devA-llamacpp/expert.jsonl [--objectives gold-disagreement marginal:disagreement] \\
         [--reference assets/head-gsm8k.safetensors] [--engine torch] [--threads N]
 
 The cache is what `colm train --objective gold-disagreement --features runs/features` extracts (resumable).  While it
@@ -99,7 +99,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--features", required=True, help="a gold feature cache (DIR/gold of `colm train --features`)")
     ap.add_argument("--sizes", nargs="+", default=["500", "2000", "all"])
-    ap.add_argument("--objectives", nargs="+", default=["gold-disagreement"])
+    ap.add_argument("--objectives", nargs="+", default=["gold-disagreement"],
+                    help="objective or objective:init (e.g. marginal:disagreement, the paper's objective started "
+                         "from the disagreement fit)")
     ap.add_argument("--answers", required=True, help="the expert's half-A answers (an evaluation's expert.jsonl)")
     ap.add_argument("--limit", type=int, default=100, help="half-A problems (those with an expert answer)")
     ap.add_argument("--reference", default=str(C.HEAD_PATH), help="a head to compare with (the shipped one)")
@@ -116,15 +118,18 @@ def main() -> None:
     out_dir = C.OUT / "curve"
     out_dir.mkdir(parents=True, exist_ok=True)
     heads, rows = {}, []
-    for objective in a.objectives:
+    for spec in a.objectives:
+        objective, _, init = spec.partition(":")
         for n in sizes:
-            name = f"{objective}-{n}"
-            head, m = fit(subset(f, pool, n), TrainConfig(objective=objective), pair.base.hidden_size,
+            name = f"{spec.replace(':', '-from-')}-{n}"
+            head, m = fit(subset(f, pool, n), TrainConfig(objective=objective, init=init or "weak"),
+                          pair.base.hidden_size,
                           {"base_model": pair.base_id, "expert_model": pair.expert_id, "name": name,
                            "data": {"file": DEFAULT_DATA.name, "problems": n, "dev_size": 300}})
             head.save(out_dir / f"head-{name}.safetensors")
             heads[name] = head
-            rows.append({"name": name, "objective": objective, "problems": n, "tokens": m["tokens"],
+            rows.append({"name": name, "objective": objective, "init": init or "weak", "problems": n,
+                         "tokens": m["tokens"],
                          "val_auc": m["val_auc"], "fit": {k: v for k, v in m.items() if k != "history"}})
     heads["reference"] = DeferralHead.load(a.reference)
     rows.append({"name": "reference", "path": a.reference, "val_auc": None})
@@ -134,7 +139,7 @@ def main() -> None:
     scores = {name: h.p_defer(x["h"].float(), conf=x["conf"]).detach() for name, h in heads.items()}
     scores["confidence"] = 1 - x["conf"][:, 0]       # defer where the base's top probability is lowest
     rows.append({"name": "confidence", "val_auc": None})
-    ref = f"{a.objectives[0]}-{sizes[-1]}"
+    ref = f"{a.objectives[0].replace(':', '-from-')}-{sizes[-1]}"
     boot = resampled(scores, z, x["example"], ref, a.reps)
     for r in rows:
         r["proxy"] = {**proxy_scores(scores[r["name"]], z), **boot[r["name"]]}

@@ -72,15 +72,17 @@ def current_tokens(seqs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("confidence", [False, True], ids=["hidden", "hidden+confidence"])
-@pytest.mark.parametrize("objective", ["marginal", "gold-disagreement"])
-def test_head_learns_to_defer_on_the_hard_class(bigram, tmp_path, objective, confidence):
+@pytest.mark.parametrize("objective,init", [("marginal", "weak"), ("marginal", "disagreement"),
+                                            ("gold-disagreement", "weak")],
+                         ids=["marginal", "marginal-from-disagreement", "gold-disagreement"])
+def test_head_learns_to_defer_on_the_hard_class(bigram, tmp_path, objective, init, confidence):
     pair, seqs, hard = bigram
     f = extract(pair, seqs, tmp_path / "feats", {"base": "b", "expert": "e"}, batch_size=8, progress=False)
     current = current_tokens(seqs)
     # Sanity: the synthetic pair behaves as designed on the gold text.
     z = weak_labels(f)
     assert torch.equal(z.bool(), torch.isin(current, torch.tensor(sorted(hard))))
-    head, metrics = fit(f, TrainConfig(objective=objective, max_epochs=40, lr=5e-2, confidence=confidence),
+    head, metrics = fit(f, TrainConfig(objective=objective, init=init, max_epochs=40, lr=5e-2, confidence=confidence),
                         pair.base.hidden_size, {"base_model": "bigram-base"})
     assert head.uses_confidence == confidence
     p = head.p_defer(f["h"].float(), conf=f["conf"])
@@ -179,6 +181,15 @@ def test_batched_features_match_one_row_at_a_time(pair, tok):
     for key in ("lp_base", "lp_expert"):
         assert together[key].tolist() == pytest.approx(torch.cat([a[key] for a in alone]).tolist(), abs=1e-3)
     assert together["target"].tolist() == torch.cat([a["target"] for a in alone]).tolist()
+
+
+def test_fit_refuses_an_unknown_start():
+    n = 40
+    f = {"h": torch.randn(n, 4), "conf": torch.rand(n, 3), "lp_base": -torch.rand(n), "lp_expert": -torch.rand(n),
+         "arg_base": torch.randint(0, 3, (n,)), "arg_expert": torch.randint(0, 3, (n,)),
+         "target": torch.randint(0, 3, (n,)), "example": torch.arange(n) // 4, "pos": torch.arange(n) % 4}
+    with pytest.raises(ColmError, match="unknown init"):
+        fit(f, TrainConfig(objective="marginal", init="gold"), 4)
 
 
 def test_untrained_fit_is_not_trained_head(pair):

@@ -35,7 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--features", default="runs/features",
                    help="feature cache root: gold solutions in DIR/gold, each rollouts file in DIR/rollouts-<name>")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--init", default="weak", choices=["weak", "none"])
+    p.add_argument("--init", default="weak", choices=["weak", "disagreement", "none"],
+                   help="--objective marginal: start from the weak-supervision fit (the paper), the base-vs-expert "
+                        "disagreement fit, or zeros")
     p.add_argument("--inputs", default="hidden+confidence", choices=["hidden", "hidden+confidence"],
                    help="what the head reads: the base's hidden state (the paper) and optionally its top probability, "
                         "entropy and top-2 margin at the same position")

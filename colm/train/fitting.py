@@ -16,7 +16,8 @@ from .objectives import auc, marginal_nll, recall_at, weighted_bce
 class TrainConfig:
     """How ``fit`` trains a head; recorded in the head's metadata (``train_config``)."""
     objective: str = "disagreement"    # marginal | disagreement | gold-disagreement
-    init: str = "weak"                 # marginal only: start from the weak-supervision fit ("weak") or zeros ("none")
+    init: str = "weak"                 # marginal only: start from the weak-supervision fit ("weak", the paper), the
+                                       # base-vs-expert disagreement fit ("disagreement") or zeros ("none")
     val_fraction: float = 0.1          # examples held out for early stopping
     lr: float = 1e-2                   # AdamW learning rate of the linear head
     weight_decay: float = 1e-4         # AdamW weight decay
@@ -99,11 +100,13 @@ def fit(f: dict, cfg: TrainConfig, hidden_size: int, meta: dict | None = None) -
     if cfg.objective == "marginal":
         lb, le = f["lp_base"], f["lp_expert"]
         w0 = None
-        if cfg.init == "weak":
-            z = weak_labels(f)
+        if cfg.init in ("weak", "disagreement"):
+            z = weak_labels(f) if cfg.init == "weak" else disagreement_labels(f)
             (w0, hist0), _ = bce_fit(z)
-            metrics["weak_label_rate"] = float(z.mean())
-            metrics["weak_history"] = hist0[-1:]
+            metrics["init_label_rate"] = float(z.mean())
+            metrics["init_history"] = hist0[-1:]
+        elif cfg.init != "none":
+            raise ColmError(f"unknown init {cfg.init!r}: weak, disagreement or none")
         state, hist = _loop(x, train, val, lambda d, i: marginal_nll(d, lb[i], le[i]), cfg, w0)
         with torch.no_grad():
             d = (x @ state[0].T).squeeze(1) + state[1]
