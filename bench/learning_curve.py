@@ -6,7 +6,7 @@ No free generation: the proxy costs one base pass over the answers.
 
     python bench/learning_curve.py --features runs/features/gold --sizes 500 2000 all \\
         --answers data/eval-devA-llamacpp/expert.jsonl [--objectives gold-disagreement marginal:disagreement] \\
-        [--reference assets/head-gsm8k.safetensors] [--engine torch] [--threads N]
+        [--heads assets/head-gsm8k.safetensors OTHER.safetensors] [--engine torch] [--threads N]
 
 The cache is what `colm train --objective gold-disagreement --features runs/features` extracts (resumable).  While it
 is still being extracted, `all` is the longest prefix of the training pool it already holds (the JSON says how many).
@@ -104,7 +104,8 @@ def main() -> None:
                          "from the disagreement fit)")
     ap.add_argument("--answers", required=True, help="the expert's half-A answers (an evaluation's expert.jsonl)")
     ap.add_argument("--limit", type=int, default=100, help="half-A problems (those with an expert answer)")
-    ap.add_argument("--reference", default=str(C.HEAD_PATH), help="a head to compare with (the shipped one)")
+    ap.add_argument("--heads", nargs="*", default=[str(C.HEAD_PATH)],
+                    help="heads trained elsewhere to score beside the curve (default: the shipped one)")
     ap.add_argument("--reps", type=int, default=1000)
     C.add_engine_args(ap)
     a = ap.parse_args()
@@ -131,8 +132,9 @@ def main() -> None:
             rows.append({"name": name, "objective": objective, "init": init or "weak", "problems": n,
                          "tokens": m["tokens"],
                          "val_auc": m["val_auc"], "fit": {k: v for k, v in m.items() if k != "history"}})
-    heads["reference"] = DeferralHead.load(a.reference)
-    rows.append({"name": "reference", "path": a.reference, "val_auc": None})
+    for path in a.heads:
+        heads[Path(path).stem] = DeferralHead.load(path)
+        rows.append({"name": Path(path).stem, "path": path, "val_auc": None})
     answers = read_done(Path(a.answers))
     dev = [e for e in dev_a if e.index in answers][:a.limit]
     x, z = proxy_features(CoLLM(pair), dev, answers)
