@@ -48,9 +48,8 @@ def prefix_size(f: dict, pool: list) -> int:
 
 def subset(f: dict, pool: list, n: int) -> dict:
     """The features of the pool's first ``n`` problems."""
-    keep = torch.tensor([e.index for e in pool[:n]])
-    mask = torch.isin(f["example"], keep)
-    return {k: v[mask] for k, v in f.items()}
+    from colm.train import select_examples
+    return select_examples(f, {e.index for e in pool[:n]})
 
 
 def resampled(scores: dict[str, torch.Tensor], z: torch.Tensor, example: torch.Tensor, ref: str,
@@ -65,14 +64,18 @@ def resampled(scores: dict[str, torch.Tensor], z: torch.Tensor, example: torch.T
     diffs: dict[str, list[float]] = {name: [] for name in scores}
     for _ in range(reps):
         idx = torch.cat([rows[problems[rng.randrange(len(problems))]] for _ in problems])
-        a_ref = auc(scores[ref][idx], z[idx])
-        for name, s in scores.items():
-            a = auc(s[idx], z[idx])
-            draws[name].append(a)
-            diffs[name].append(a - a_ref)
-    ci = lambda xs: (sorted(xs)[int(0.025 * reps)], sorted(xs)[int(0.975 * reps) - 1])
-    return {name: {"auc_ci": ci(draws[name]), "vs_ref": auc(s, z) - auc(scores[ref], z),
-                   "vs_ref_ci": ci(diffs[name])} for name, s in scores.items()}
+        a = {name: auc(s[idx], z[idx]) for name, s in scores.items()}
+        for name in scores:
+            draws[name].append(a[name])
+            diffs[name].append(a[name] - a[ref])
+
+    def ci(xs: list[float]) -> tuple[float, float]:
+        xs = sorted(xs)
+        return xs[int(0.025 * reps)], xs[int(0.975 * reps) - 1]
+
+    point = {name: auc(s, z) for name, s in scores.items()}
+    return {name: {"auc_ci": ci(draws[name]), "vs_ref": point[name] - point[ref], "vs_ref_ci": ci(diffs[name])}
+            for name in scores}
 
 
 def table(rows: list[dict], ref: str) -> str:

@@ -19,7 +19,7 @@ Everything public is re-exported here, so ``from colm.train import fit`` keeps w
 """
 from .command import add_arguments, main
 from .features import (FEATURE_KEYS, extract, features_for_batch, gold_logprobs, load_features, right_pad,
-                       sequences, target_index)
+                       select_examples, sequences, target_index)
 from .fitting import TrainConfig, fit, head_inputs, split_by_example
 from .joint import joint_train
 from .labels import disagreement_labels, rollout_model, weak_labels
@@ -27,5 +27,5 @@ from .objectives import auc, marginal_nll, recall_at, weighted_bce
 
 __all__ = ["FEATURE_KEYS", "TrainConfig", "add_arguments", "auc", "disagreement_labels", "extract",
            "features_for_batch", "fit", "gold_logprobs", "head_inputs", "joint_train", "load_features", "main",
-           "marginal_nll", "recall_at", "right_pad", "rollout_model", "sequences", "split_by_example",
+           "marginal_nll", "recall_at", "right_pad", "rollout_model", "select_examples", "sequences", "split_by_example",
            "target_index", "weak_labels", "weighted_bce"]

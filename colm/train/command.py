@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..models import ColmError
-from .features import FEATURE_KEYS, extract, sequences
+from .features import FEATURE_KEYS, extract, select_examples, sequences
 from .fitting import TrainConfig, fit
 from .joint import joint_train
 from .labels import rollout_model
@@ -97,8 +97,7 @@ def main(args) -> int:
         feats.append(extract(pair, seqs, cache, ident, batch_size=args.batch_size, shard_examples=SHARD_EXAMPLES,
                              with_expert=with_expert))
     keep = {e.index for e in train_ex}
-    f = {k: torch.cat([x[k] for x in feats]) for k in FEATURE_KEYS}
-    f = {k: v[torch.isin(f["example"], torch.tensor(sorted(keep)))] for k, v in f.items()}
+    f = select_examples({k: torch.cat([x[k] for x in feats]) for k in FEATURE_KEYS}, keep)
     sources = [(name, [s for s in src if s[0] in keep], cache, w) for name, src, cache, w in sources]
     seqs = [s for _, src, _, _ in sources for s in src]
     cfg = TrainConfig(objective=args.objective, init=args.init, seed=args.seed, confidence=args.inputs != "hidden")

@@ -188,6 +188,12 @@ def _add_confidence(pair, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def select_examples(f: dict, indices) -> dict:
+    """The rows of features ``f`` whose problem (``f["example"]``) is one of ``indices``."""
+    mask = torch.isin(f["example"], torch.tensor(sorted(indices), dtype=f["example"].dtype))
+    return {k: v[mask] for k, v in f.items()}
+
+
 def load_features(paths: list[Path]) -> dict:
     if not paths:
         raise ColmError("no feature shards")
