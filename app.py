@@ -40,6 +40,7 @@ STATE_TTL_S = 3600         # a trace holds KV caches; drop a session's after an 
 MODEL = "model"            # one concurrency group for every callback that runs a model
 DEFAULT_MAX_NEW = 512      # covers every shipped example's whole answer (bench/examples.py measures them)
 THRESHOLD_STEP = 0.005     # fine enough for the shipped η (0.145), coarse enough for arrow keys
+MIN_PROB_STEP = 0.0025     # the confidence rule lives near 1 (0.975 defers as often as the shipped head)
 
 POLICY_CHOICES = [("Co-LLM", "colm"), ("base only", "base"), ("expert only", "expert"),
                   ("random", "random"), ("confidence", "confidence")]
@@ -126,6 +127,10 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
     answers = example_answers()
     # Shown as it is stored: the slider keeps 2-3 significant digits (the head's 0.1446664 is 0.145).
     thr0 = float(viz.fmt_threshold(decoder.head.threshold)) if decoder.head is not None else 0.5
+    # The head's file may record the rule's cut-off that defers as often as the head at η (colm evaluate): the
+    # default then compares the two at equal expert cost.
+    matched = decoder.head is not None and "min_prob" in decoder.head.meta
+    min_prob0 = round(round(decoder.head.min_prob / MIN_PROB_STEP) * MIN_PROB_STEP, 4) if matched else 0.5
     export_dir = Path(tempfile.mkdtemp(prefix="colm-app-"))
     atexit.register(shutil.rmtree, export_dir, ignore_errors=True)
     banner = "\n\n".join(b for b in (banner, head_banner(decoder)) if b)
@@ -344,8 +349,10 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
                                             "it back and have the expert rewrite it")
                 rate = gr.Slider(0, 1, value=0.3, step=0.05, label="Random: share of tokens sent to the expert",
                                  visible=False, elem_id="rate")
-                min_prob = gr.Slider(0, 1, value=0.5, step=0.05, visible=False, elem_id="min-prob",
-                                     label="Confidence: defer when the base's top probability is below")
+                min_prob = gr.Slider(0, 1, value=min_prob0, step=MIN_PROB_STEP, visible=False, elem_id="min-prob",
+                                     label="Confidence: defer when the base's top probability is below",
+                                     info="The default defers about as often as Co-LLM at the head's η did on the "
+                                          "problems η was chosen on, so the two cost the same." if matched else None)
                 threshold = gr.Slider(0, 1, value=thr0, step=THRESHOLD_STEP, label="Deferral threshold η (Co-LLM)",
                                       info="Lower η: more tokens from the expert. Drag, or use the arrow keys: the "
                                            "pink preview shows what would change, and the answer is re-decoded "

@@ -29,7 +29,8 @@ class _Parser(argparse.ArgumentParser):
 def _policy(args, head):
     from .decode import Policy
     threshold = args.threshold if args.threshold is not None else head.threshold
-    return Policy(args.policy, threshold=threshold, rate=args.rate, min_prob=args.min_prob, seed=args.seed)
+    min_prob = args.min_prob if args.min_prob is not None else head.min_prob
+    return Policy(args.policy, threshold=threshold, rate=args.rate, min_prob=min_prob, seed=args.seed)
 
 
 def render_marked(trace, color: bool) -> str:
@@ -240,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, default=None, help="defer when p_defer > this (default: the head's)")
     g.add_argument("--policy", default="colm", choices=["colm", "base", "expert", "random", "confidence"])
     g.add_argument("--rate", type=float, default=0.2, help="deferral rate for --policy random")
-    g.add_argument("--min-prob", type=float, default=0.5, help="confidence policy: defer below this top probability")
+    g.add_argument("--min-prob", type=float, default=None,
+                   help="confidence policy: defer below this top probability (default: the cut-off recorded with the "
+                        "head, deferring as often as the head at its η; else 0.5)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--head", default=None, help="deferral head .safetensors (default: the shipped head)")

@@ -286,6 +286,9 @@ def main(args) -> int:
             raise ColmError("--write-threshold stores η chosen on dev half A (--split dev-a); half B is for reporting")
         head.meta["threshold"] = res["chosen"]["threshold"]
         head.meta.setdefault("thresholds", {})[pair.engine] = res["chosen"]["threshold"]   # η per engine
+        if res.get("confidence"):   # the rule at the head's share, for the page and CLI to compare at equal cost
+            head.meta["min_prob"] = res["confidence"][0]["min_prob"]
+            head.meta.setdefault("min_probs", {})[pair.engine] = res["confidence"][0]["min_prob"]
         protocol = {"chosen_on": args.split, "engine": pair.engine, "dev_size": args.dev_size,
                     "n_examples": len(examples), "max_new_tokens": args.max_new_tokens,
                     "max_deferral": args.max_deferral, "stop": "eos or '#### n' line"}

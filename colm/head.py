@@ -64,12 +64,21 @@ class DeferralHead(torch.nn.Module):
     def threshold(self) -> float:
         return float(self.meta.get("threshold", 0.5))
 
+    @property
+    def min_prob(self) -> float:
+        """The confidence rule's cut-off recorded beside this head: the base's top probability below which that rule
+        defers the same share of tokens as the head at η, on the split η was chosen on (``colm evaluate
+        --write-threshold``), so the two can be compared at equal expert cost.  0.5 where none is recorded."""
+        return float(self.meta.get("min_prob", 0.5))
+
     def use_engine(self, engine: str) -> "DeferralHead":
-        """Take η calibrated on ``engine`` where the metadata has one (``thresholds``: engine -> η), since the
-        head must be calibrated on the engine it runs on; otherwise keep the single stored η."""
-        per = self.meta.get("thresholds") or {}
-        if engine in per:
-            self.meta["threshold"] = float(per[engine])
+        """Take η (and the confidence rule's cut-off) calibrated on ``engine`` where the metadata has them
+        (``thresholds`` / ``min_probs``: engine -> value), since both must be calibrated on the engine they run on;
+        otherwise keep the single stored value."""
+        for key, single in (("thresholds", "threshold"), ("min_probs", "min_prob")):
+            per = self.meta.get(key) or {}
+            if engine in per:
+                self.meta[single] = float(per[engine])
         return self
 
     @property
@@ -137,10 +146,11 @@ class DeferralHead(torch.nn.Module):
         head = cls(hidden, meta, confidence)
         head.load_state_dict({"linear.weight": w.float(), "linear.bias": tensors["linear.bias"].float()})
         head.requires_grad_(False)      # loaded for inference; joint_train switches gradients back on
-        per = head.meta.get("thresholds") or {}
-        for thr in (head.meta.get("threshold", 0.5), *(per.values() if isinstance(per, dict) else [None])):
-            if not isinstance(thr, (int, float)) or not math.isfinite(thr) or not 0.0 <= thr <= 1.0:
-                raise ColmError(f"{path}: stored threshold {thr!r} is not a number in [0, 1]")
+        for key, single in (("thresholds", "threshold"), ("min_probs", "min_prob")):
+            per = head.meta.get(key) or {}
+            for thr in (head.meta.get(single, 0.5), *(per.values() if isinstance(per, dict) else [None])):
+                if not isinstance(thr, (int, float)) or not math.isfinite(thr) or not 0.0 <= thr <= 1.0:
+                    raise ColmError(f"{path}: stored {single} {thr!r} is not a number in [0, 1]")
         if base_model is not None:
             check_fits(head, base_model, base_id)
         head.meta.setdefault("name", path.name)

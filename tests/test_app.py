@@ -136,6 +136,19 @@ def test_threshold_keeps_two_or_three_significant_digits(dec):
     assert slider.value == 0.145 and round(slider.value / slider.step, 9) % 1 == 0    # on the slider's grid
 
 
+@pytest.mark.parametrize("stored, want", [(0.9746494, 0.975), (None, 0.5)])
+def test_the_confidence_slider_starts_at_the_cut_off_recorded_with_the_head(dec, stored, want):
+    """The shipped head records the rule's cut-off that defers as often as it does (0.9746...); the slider must be
+    able to reach it (a 0.05 grid could not) and start there, and say so only when a cut-off is recorded."""
+    head = make_test_head(dec.pair.base.hidden_size)
+    if stored is not None:
+        head.meta["min_prob"] = stored
+    demo = app.build_app(CoLLM(dec.pair, head))
+    slider = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "min-prob")
+    assert slider.value == want and round(slider.value / slider.step, 9) % 1 == 0
+    assert bool(slider.info) == (stored is not None)
+
+
 def test_export_is_off_until_there_is_a_trace(dec):
     demo = app.build_app(dec)
     button = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "export")

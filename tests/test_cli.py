@@ -32,6 +32,17 @@ def test_generate_json_on_tiny_local_pair(pair_dirs, tmp_path):
     assert d["engine"] == "torch"          # model directories run on torch under --engine auto
 
 
+@pytest.mark.parametrize("flag, want", [([], 0.9), (["--min-prob", "0.3"], 0.3)])
+def test_generate_confidence_defaults_to_the_cut_off_recorded_with_the_head(pair_dirs, tmp_path, flag, want):
+    from colm.head import DeferralHead
+    DeferralHead(32, {"trained": True, "base_model": "tiny", "min_prob": 0.9}).save(tmp_path / "h.safetensors")
+    r = run("generate", "What is 2+2?", "--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"),
+            "--head", str(tmp_path / "h.safetensors"), "--policy", "confidence", *flag, "--max-new-tokens", "4",
+            "--json", "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["policy"] == {"name": "confidence", "min_prob": want}
+
+
 def test_generate_backtrack_json_and_refusals(pair_dirs):
     models = ("--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"), "--dtype", "fp32")
     r = run("generate", "What is 2+2?", *models, "--policy", "base", "--max-new-tokens", "6", "--json", "--backtrack")

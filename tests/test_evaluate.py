@@ -50,6 +50,9 @@ def test_evaluate_end_to_end_on_tiny_pair(pair_dirs, tmp_path, capsys):
     assert stored.threshold == res["chosen"]["threshold"] and stored.meta["metrics"]["dev"]["chosen"]
     assert {"confidence", "proxy", "random", "paired"} <= set(stored.meta["metrics"]["dev"])
     assert stored.meta["thresholds"] == {"torch": res["chosen"]["threshold"]} and stored.meta["protocol"]["chosen_on"]
+    # The confidence rule's cut-off at the chosen point's share, recorded beside η for the page and CLI.
+    assert stored.meta["min_probs"] == {"torch": res["confidence"][0]["min_prob"]}
+    assert stored.min_prob == res["confidence"][0]["min_prob"]
     # Intervals and budget counts on every point; Co-LLM paired with each baseline on the same problems.
     for point in (res["base"], res["expert"], res["chosen"], *res["random"][0]["per_seed"]):
         lo, hi = point["accuracy_ci"]

@@ -71,3 +71,18 @@ def test_shipped_head_records_eta_per_engine_and_the_protocol_it_was_chosen_unde
     evidence = meta["metrics"]["dev-a/llamacpp/512"]
     assert evidence["chosen"]["threshold"] == meta["thresholds"]["llamacpp"]
     assert evidence["chosen"]["deferral"] <= meta["protocols"]["llamacpp"]["max_deferral"]
+
+
+def test_shipped_head_records_the_confidence_rule_at_its_own_deferral_share(shipped):
+    """The page's and CLI's default cut-off for the confidence rule: per engine, from the half-A run that chose η,
+    deferring about as often as the head did there (so the two compare at equal expert cost)."""
+    meta = shipped.meta
+    assert set(meta["min_probs"]) == set(meta["thresholds"])
+    for engine, cut in meta["min_probs"].items():
+        assert 0.5 < cut < 1.0
+    key = {"torch": "dev", "llamacpp": "dev-a/llamacpp/512"}
+    for engine, metrics in key.items():
+        ev = meta["metrics"][metrics]
+        rule = ev["confidence"][0]
+        assert rule["min_prob"] == meta["min_probs"][engine]
+        assert abs(rule["deferral"] - ev["chosen"]["deferral"]) < 0.03

@@ -396,9 +396,21 @@ def test_a_head_takes_the_threshold_calibrated_on_its_engine(tmp_path, engine, w
     assert load_head(pair, tmp_path / "h.safetensors").threshold == want
 
 
-def test_a_head_with_a_bad_per_engine_threshold_is_refused(tmp_path):
+@pytest.mark.parametrize("engine, want", [("llamacpp", 0.97), ("torch", 0.98), ("other", 0.9)])
+def test_a_head_takes_the_confidence_cut_off_recorded_for_its_engine(tmp_path, engine, want):
+    from types import SimpleNamespace
+    from colm.head import DeferralHead, load_head
+    DeferralHead(8, {"trained": True, "min_prob": 0.9, "min_probs": {"llamacpp": 0.97, "torch": 0.98}}).save(
+        tmp_path / "h.safetensors")
+    pair = SimpleNamespace(engine=engine, base=None, base_id="tiny")
+    assert load_head(pair, tmp_path / "h.safetensors").min_prob == want
+    assert DeferralHead(8).min_prob == 0.5       # none recorded
+
+
+@pytest.mark.parametrize("meta", [{"thresholds": {"llamacpp": 1.5}}, {"min_probs": {"torch": 1.5}}, {"min_prob": 1.5}])
+def test_a_head_with_a_bad_stored_cut_off_is_refused(tmp_path, meta):
     from colm.head import DeferralHead
     from colm.models import ColmError
-    DeferralHead(8, {"trained": True, "thresholds": {"llamacpp": 1.5}}).save(tmp_path / "h.safetensors")
+    DeferralHead(8, {"trained": True, **meta}).save(tmp_path / "h.safetensors")
     with pytest.raises(ColmError, match="1.5 is not a number in"):
         DeferralHead.load(tmp_path / "h.safetensors")
