@@ -1,6 +1,7 @@
 """Two run files on the same problems, compared in pairs: each accuracy with its 95 % Wilson interval, the
 difference A − B with a 95 % paired-bootstrap interval, the discordant problems and McNemar's exact p; also how
-many answers hit the token cap and how many are token-for-token identical.
+many answers hit the token budget (a record's ``stop_reason``; runs older than it count answers of ``cap`` tokens,
+256 then) and how many are token-for-token identical.
 
     python bench/paired_runs.py runs/eval-llama-dev200/runs/colm-0.144666.jsonl data/eval-dev200/colm-0.144666.jsonl
 """
@@ -16,13 +17,17 @@ from colm.runs import read_done  # noqa: E402
 from colm.stats import paired  # noqa: E402
 
 
+def capped(rec: dict, cap: int) -> bool:
+    return rec["stop_reason"] == "length" if "stop_reason" in rec else len(rec["ids"]) >= cap
+
+
 def main(a: str, b: str, cap: int = 256) -> dict:
     ra, rb = read_done(Path(a)), read_done(Path(b))
     r = paired({i: x["correct"] for i, x in ra.items()}, {i: x["correct"] for i, x in rb.items()})
     both = sorted(set(ra) & set(rb))
     r["identical_answers"] = sum(ra[i]["ids"] == rb[i]["ids"] for i in both)
-    r["hit_cap_a"] = sum(len(ra[i]["ids"]) >= cap for i in both)
-    r["hit_cap_b"] = sum(len(rb[i]["ids"]) >= cap for i in both)
+    r["hit_cap_a"] = sum(capped(ra[i], cap) for i in both)
+    r["hit_cap_b"] = sum(capped(rb[i], cap) for i in both)
     for name, recs in (("a", ra), ("b", rb)):
         if all("deferral" in recs[i] for i in both):
             r[f"deferral_{name}"] = sum(recs[i]["deferral"] for i in both) / len(both)

@@ -52,3 +52,16 @@ def test_matched_cost_table_compares_each_corrected_point_with_the_plain_curve_a
     res.pop("backtrack_curve")
     (tmp_path / "results.json").write_text(json.dumps(res))
     assert "corrected −" not in main(str(tmp_path / "results.json"))
+
+
+def test_paired_runs_counts_the_budget_from_each_record_s_stop_reason(tmp_path):
+    """bench/paired_runs.py: at a 512 budget an answer of 300 tokens is not capped; older records (no stop_reason)
+    fall back to a length count."""
+    from paired_runs import main as paired_main
+    rows_a = [{"index": 0, "ids": [1] * 300, "correct": True, "stop_reason": "eos", "deferral": 0.3},
+              {"index": 1, "ids": [1] * 512, "correct": False, "stop_reason": "length", "deferral": 0.3}]
+    rows_b = [{"index": 0, "ids": [1] * 256, "correct": True}, {"index": 1, "ids": [1] * 10, "correct": True}]
+    for name, rows in (("a", rows_a), ("b", rows_b)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = paired_main(str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"))
+    assert (r["hit_cap_a"], r["hit_cap_b"]) == (1, 1) and r["only_b"] == 1 and r["deferral_a"] == 0.3
