@@ -386,24 +386,16 @@ def test_train_cli_refuses_rollouts_without_one_named_model(pair_dirs, tmp_path,
     assert "one model" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("engine, want", [("llamacpp", 0.3), ("torch", 0.2), ("other", 0.1)])
-def test_a_head_takes_the_threshold_calibrated_on_its_engine(tmp_path, engine, want):
+@pytest.mark.parametrize("engine, want", [("llamacpp", (0.3, 0.97)), ("torch", (0.2, 0.98)), ("other", (0.1, 0.9))])
+def test_a_head_takes_the_threshold_and_cut_off_calibrated_on_its_engine(tmp_path, engine, want):
+    """η and the confidence rule's matched cut-off are both per engine; an engine without its own keeps the single
+    stored value."""
     from types import SimpleNamespace
     from colm.head import DeferralHead, load_head
-    DeferralHead(8, {"trained": True, "threshold": 0.1, "thresholds": {"llamacpp": 0.3, "torch": 0.2}}).save(
-        tmp_path / "h.safetensors")
-    pair = SimpleNamespace(engine=engine, base=None, base_id="tiny")
-    assert load_head(pair, tmp_path / "h.safetensors").threshold == want
-
-
-@pytest.mark.parametrize("engine, want", [("llamacpp", 0.97), ("torch", 0.98), ("other", 0.9)])
-def test_a_head_takes_the_confidence_cut_off_recorded_for_its_engine(tmp_path, engine, want):
-    from types import SimpleNamespace
-    from colm.head import DeferralHead, load_head
-    DeferralHead(8, {"trained": True, "min_prob": 0.9, "min_probs": {"llamacpp": 0.97, "torch": 0.98}}).save(
-        tmp_path / "h.safetensors")
-    pair = SimpleNamespace(engine=engine, base=None, base_id="tiny")
-    assert load_head(pair, tmp_path / "h.safetensors").min_prob == want
+    DeferralHead(8, {"trained": True, "threshold": 0.1, "thresholds": {"llamacpp": 0.3, "torch": 0.2},
+                     "min_prob": 0.9, "min_probs": {"llamacpp": 0.97, "torch": 0.98}}).save(tmp_path / "h.safetensors")
+    head = load_head(SimpleNamespace(engine=engine, base=None, base_id="tiny"), tmp_path / "h.safetensors")
+    assert (head.threshold, head.min_prob) == want
     assert DeferralHead(8).min_prob == 0.5       # none recorded
 
 
