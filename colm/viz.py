@@ -129,6 +129,20 @@ def _style(fig: go.Figure, legend_rows: int = 1, **layout) -> go.Figure:
     return fig
 
 
+def _ci_bars(pts, color: str) -> dict:
+    """95 % (Wilson) error bars from each point's ``accuracy_ci``; hidden unless every point has one (results from
+    before intervals draw plain)."""
+    have = all(p.get("accuracy_ci") for p in pts)
+    return dict(type="data", symmetric=False, visible=have, color=color, thickness=1.2, width=3,
+                array=[p["accuracy_ci"][1] - p["accuracy"] if have else 0.0 for p in pts],
+                arrayminus=[p["accuracy"] - p["accuracy_ci"][0] if have else 0.0 for p in pts])
+
+
+def _ci_text(p: dict) -> str:
+    ci = p.get("accuracy_ci")
+    return f"accuracy {p['accuracy']:.1%}" + (f" [{ci[0]:.1%}, {ci[1]:.1%}] (95 %)" if ci else "")
+
+
 def _curve(fig, points, key: str, name: str, color: str, dash: str, symbol: str) -> None:
     pts = sorted((p for p in points or () if p.get("deferral") is not None and p.get("accuracy") is not None),
                  key=lambda p: (p["deferral"], p.get(key, 0)))
@@ -137,8 +151,9 @@ def _curve(fig, points, key: str, name: str, color: str, dash: str, symbol: str)
     fig.add_trace(go.Scatter(
         x=[p["deferral"] for p in pts], y=[p["accuracy"] for p in pts], name=name, mode="lines+markers",
         line=dict(color=color, dash=dash, width=2), marker=dict(symbol=symbol, size=8, color=color),
+        error_y=_ci_bars(pts, color),
         hovertext=[f"{name}<br>{key} {p.get(key, float('nan')):.3g}<br>deferral {p['deferral']:.1%}"
-                   f"<br>accuracy {p['accuracy']:.1%}" for p in pts], hoverinfo="text"))
+                   f"<br>{_ci_text(p)}" for p in pts], hoverinfo="text"))
 
 
 def _random_curve(fig, points) -> None:
@@ -175,8 +190,9 @@ def _random_curve(fig, points) -> None:
             x=[q["deferral"] for q in seeds], y=[q["accuracy"] for q in seeds], name="random deferral, each seed",
             mode="markers", legendgroup="random", showlegend=False, opacity=0.35,
             marker=dict(symbol="square-open", size=7, color=PALETTE["random"].hex),
-            hovertext=[f"random, seed {q.get('seed', '?')}<br>deferral {q['deferral']:.1%}<br>accuracy "
-                       f"{q['accuracy']:.1%}" for q in seeds], hoverinfo="text"))
+            error_y=_ci_bars(seeds, PALETTE["random"].hex),
+            hovertext=[f"random, seed {q.get('seed', '?')}<br>deferral {q['deferral']:.1%}<br>{_ci_text(q)}"
+                       for q in seeds], hoverinfo="text"))
 
 
 def corrected_cost(point: dict) -> float:
@@ -186,8 +202,10 @@ def corrected_cost(point: dict) -> float:
 
 
 def curve_figure(results: dict) -> go.Figure:
-    """The paper's accuracy-vs-deferral-frequency plot from an evaluation results dict (any part optional).  Random
-    deferral is the mean over its seeds with ± sd error bars, each seed's point drawn faintly behind."""
+    """The paper's accuracy-vs-deferral-frequency plot from an evaluation results dict (any part optional).  Every
+    point carrying ``accuracy_ci`` gets its 95 % interval (error bars; a band behind the base and expert lines).
+    Random deferral is the mean over its seeds with ± sd error bars, each seed's point drawn faintly behind with
+    its own interval."""
     fig = go.Figure()
     _curve(fig, results.get("colm"), "threshold", "Co-LLM (threshold sweep)", PALETTE["colm"].hex, "solid", "circle")
     _random_curve(fig, results.get("random"))
@@ -195,8 +213,14 @@ def curve_figure(results: dict) -> go.Figure:
     for key, name, color, dash in (("base", "base only", BASE_COLOR, "dot"), ("expert", "expert only", EXPERT_COLOR, "dash")):
         ref = results.get(key)
         if ref and ref.get("accuracy") is not None:
+            ci = ref.get("accuracy_ci")
+            if ci:   # the 95 % interval as a faint band behind the line
+                fig.add_trace(go.Scatter(x=[0, 1, 1, 0, 0], y=[ci[0], ci[0], ci[1], ci[1], ci[0]], fill="toself",
+                                         mode="none", fillcolor=color, opacity=0.12, legendgroup=key,
+                                         showlegend=False, hoverinfo="skip", name=f"{name}, 95 % interval"))
             fig.add_trace(go.Scatter(x=[0, 1], y=[ref["accuracy"]] * 2, name=f"{name} ({ref['accuracy']:.1%})",
-                                     mode="lines", line=dict(color=color, dash=dash, width=1.5), hoverinfo="name"))
+                                     mode="lines", line=dict(color=color, dash=dash, width=1.5), legendgroup=key,
+                                     hovertext=f"{name}<br>{_ci_text(ref)}", hoverinfo="text"))
     budget = results.get("max_deferral")
     if budget is not None:   # the choice was restricted to points left of this line
         fig.add_vline(x=budget, line=dict(color=THRESHOLD_COLOR, dash="dashdot", width=1.5),
@@ -206,6 +230,7 @@ def curve_figure(results: dict) -> go.Figure:
     if chosen and chosen.get("deferral") is not None:
         fig.add_trace(go.Scatter(
             x=[chosen["deferral"]], y=[chosen["accuracy"]], mode="markers", name=f"chosen η = {fmt_threshold(chosen['threshold'])}",
+            error_y=_ci_bars([chosen], FLIP_COLOR),
             marker=dict(symbol="star", size=18, color=FLIP_COLOR, line=dict(color=INK, width=1)), hoverinfo="name"))
     _curve(fig, [{**p, "deferral": corrected_cost(p)} for p in results.get("backtrack_curve") or () if p.get("n")],
            "threshold", "Co-LLM + course correction (at its cost)", FLIP_COLOR, "dash", "star-open")
@@ -213,6 +238,7 @@ def curve_figure(results: dict) -> go.Figure:
     if corrected and corrected.get("n"):
         fig.add_trace(go.Scatter(
             x=[corrected_cost(corrected)], y=[corrected["accuracy"]], mode="markers", hoverinfo="name",
+            error_y=_ci_bars([corrected], FLIP_COLOR),
             name=(f"+ course correction ({corrected['fired']} fired, {corrected['fixed']} fixed, "
                   f"{corrected['broke']} broke)"),
             marker=dict(symbol="star-open", size=16, color=FLIP_COLOR, line=dict(color=FLIP_COLOR, width=2))))

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from colm import viz
+from colm import stats, viz
 from colm.decode import Step, Trace
 
 
@@ -155,6 +155,33 @@ def test_curve_figure_random_is_mean_with_sd_bars_and_faint_seeds():
     assert sorted(seeds.y) == [0.28, 0.3, 0.32, 0.35, 0.38, 0.41] and seeds.opacity < 0.5
     assert seeds.legendgroup == mean.legendgroup and seeds.showlegend is False
     assert "seed 2" in seeds.hovertext[2]
+
+
+def test_curve_figure_draws_each_point_s_95_interval():
+    """Issue 18: every accuracy in the curve figure carries its 95 % interval where the results have one."""
+    ci = lambda k, n: {"accuracy": k / n, "accuracy_ci": list(stats.wilson(k, n))}
+    res = {"colm": [{"threshold": 0.5, "deferral": 0.2, **ci(47, 100)}, {"threshold": 0.1, "deferral": 0.6, **ci(52, 100)}],
+           "chosen": {"threshold": 0.5, "deferral": 0.2, **ci(47, 100)},
+           "confidence": [{"min_prob": 0.97, "deferral": 0.3, **ci(50, 100)}],
+           "random": [{"rate": 0.3, "seeds": [0], "deferral": 0.3, "accuracy": 0.3,
+                       "per_seed": [{"seed": 0, "deferral": 0.3, **ci(30, 100)}]}],
+           "base": {"deferral": 0.0, **ci(28, 100)}, "expert": {"deferral": 1.0, **ci(55, 100)}}
+    fig = viz.curve_figure(res)
+    by = {t.name: t for t in fig.data}
+    colm = by["Co-LLM (threshold sweep)"]
+    lo, hi = stats.wilson(47, 100)
+    assert colm.error_y.visible and colm.error_y.symmetric is False
+    assert colm.error_y.array[0] == pytest.approx(hi - 0.47) and colm.error_y.arrayminus[0] == pytest.approx(0.47 - lo)
+    assert by["base-confidence deferral"].error_y.visible and "(95 %)" in by["base-confidence deferral"].hovertext[0]
+    assert next(t for t in fig.data if t.name.startswith("chosen")).error_y.visible
+    assert by["random deferral, each seed"].error_y.visible
+    band = by["base only, 95 % interval"]
+    assert band.fill == "toself" and min(band.y) == pytest.approx(stats.wilson(28, 100)[0])
+    assert max(by["expert only, 95 % interval"].y) == pytest.approx(stats.wilson(55, 100)[1])
+    # Results from before intervals: no bars, no bands.
+    plain = viz.curve_figure(RESULTS)
+    assert not any(t.name.endswith("95 % interval") for t in plain.data)
+    assert not next(t for t in plain.data if t.name.startswith("Co-LLM")).error_y.visible
 
 
 def test_curve_figure_random_without_seeds_is_a_plain_curve():
