@@ -68,7 +68,7 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
              thresholds: list[float] | None = None, batch_size: int = 16, max_new_tokens: int = 256,
              baselines: bool = True, on_update=None, baseline_rate: float | None = None,
              max_deferral: float | None = None, random_rates=(), random_seeds=RANDOM_SEEDS, data: dict | None = None,
-             restart: bool = False, data_file: str | None = None, backtrack=None) -> dict:
+             restart: bool = False, data_file: str | None = None, backtrack=None, min_prob: float | None = None) -> dict:
     """Sweep (or take) thresholds, pick the best on ``sweep_examples``, then evaluate it and the baselines on all
     ``examples``: base-only, expert-only, random and confidence deferral at the chosen point's frequency (or at
     ``baseline_rate``, which lets those two run in parallel with the Co-LLM decode and be picked up from their files).
@@ -79,7 +79,9 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
     moves aside run files written by other settings instead of refusing them (``colm.runs.open_run``).
     ``on_update(results)`` is called after every stage, so a long run leaves partial results behind.  ``backtrack``
     (a ``colm.backtrack.Backtrack``) adds the chosen point with course correction (``results["backtrack"]``) and,
-    with more than one threshold, every swept point with it too (``results["backtrack_curve"]``)."""
+    with more than one threshold, every swept point with it too (``results["backtrack_curve"]``).  ``min_prob``
+    fixes the confidence baseline's cut-off (the one chosen on half A, for a half-B report) instead of matching the
+    share here."""
     on_update = on_update or (lambda r: None)
     runs = out / "runs"
     sweep_examples = sweep_examples or examples
@@ -160,13 +162,18 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
                     random_runs[f"random_seed{seed}"] = rnd
             results["random"].append(random_spread(rate, per_seed))
             on_update(results)
-        # The confidence policy's cut-off giving the same share of tokens along the base's answers.  The file (and its
-        # manifest) is named by that share, not by the cut-off, so a rerun whose teacher-forced pass rounds
-        # differently (another thread count) still finds it.
-        min_prob = float(torch.quantile(top.double(), f)) if f > 0 else 0.0
-        conf = run(Policy("confidence", min_prob=min_prob), f"confidence-{f:.3f}", examples,
-                   key={"name": "confidence", "deferral_share": f})
-        results["confidence"] = [{"min_prob": min_prob, **summarize(conf)}]
+        if min_prob is None:
+            # The confidence policy's cut-off giving the same share of tokens along the base's answers.  The file
+            # (and its manifest) is named by that share, not by the cut-off, so a rerun whose teacher-forced pass
+            # rounds differently (another thread count) still finds it.
+            cut = float(torch.quantile(top.double(), f)) if f > 0 else 0.0
+            name, key = f"confidence-{f:.3f}", {"name": "confidence", "deferral_share": f}
+        else:   # chosen on half A, like η: half B reports the rule as it was fixed there
+            cut, name, key = min_prob, f"confidence-A{min_prob:.4f}", {"name": "confidence", "min_prob": min_prob,
+                                                                        "chosen_on": "dev-a"}
+        conf = run(Policy("confidence", min_prob=cut), name, examples, key=key)
+        results["confidence"] = [{"min_prob": cut, **({"chosen_on": "dev-a"} if min_prob is not None else {}),
+                                  **summarize(conf)}]
         on_update(results)
         results["paired"] = paired_table(chosen_runs[0], {"expert": expert, "base": base, "confidence": conf,
                                                            **random_runs})
@@ -273,7 +280,8 @@ def main(args) -> int:
     res = evaluate(dec, examples, out, fractions, sweep, thresholds, args.batch_size, args.max_new_tokens,
                    not args.no_baselines, on_update=save, baseline_rate=args.baseline_rate,
                    max_deferral=args.max_deferral, random_rates=random_rates, random_seeds=random_seeds,
-                   data=data_fingerprint(rows), restart=args.restart, data_file=data.name, backtrack=backtrack)
+                   data=data_fingerprint(rows), restart=args.restart, data_file=data.name, backtrack=backtrack,
+                   min_prob=(head.meta.get("min_probs") or {}).get(pair.engine) if args.split == "dev-b" else None)
     save(res)
     from .viz import curve_figure
     curve_figure(res).write_html(str(out / "curve.html"), include_plotlyjs=True)
@@ -284,11 +292,16 @@ def main(args) -> int:
             head_path = SHIPPED_HEAD
         if args.split == "dev-b":
             raise ColmError("--write-threshold stores η chosen on dev half A (--split dev-a); half B is for reporting")
+        moved = (head.meta.get("thresholds") or {}).get(pair.engine) != res["chosen"]["threshold"]
         head.meta["threshold"] = res["chosen"]["threshold"]
         head.meta.setdefault("thresholds", {})[pair.engine] = res["chosen"]["threshold"]   # η per engine
-        if res.get("confidence"):   # the rule at the head's share, for the page and CLI to compare at equal cost
+        if res.get("confidence") and args.baseline_rate is None:
+            # the rule at the head's share, for the page and CLI to compare at equal cost
             head.meta["min_prob"] = res["confidence"][0]["min_prob"]
             head.meta.setdefault("min_probs", {})[pair.engine] = res["confidence"][0]["min_prob"]
+        elif moved:   # a cut-off matched to the old η would no longer cost the same
+            head.meta.pop("min_prob", None)
+            (head.meta.get("min_probs") or {}).pop(pair.engine, None)
         protocol = {"chosen_on": args.split, "engine": pair.engine, "dev_size": args.dev_size,
                     "n_examples": len(examples), "max_new_tokens": args.max_new_tokens,
                     "max_deferral": args.max_deferral, "stop": "eos or '#### n' line"}

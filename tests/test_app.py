@@ -138,8 +138,9 @@ def test_threshold_keeps_two_or_three_significant_digits(dec):
 
 @pytest.mark.parametrize("stored, want", [(0.9746494, 0.975), (None, 0.5)])
 def test_the_confidence_slider_starts_at_the_cut_off_recorded_with_the_head(dec, stored, want):
-    """The shipped head records the rule's cut-off that defers as often as it does (0.9746...); the slider must be
-    able to reach it (a 0.05 grid could not) and start there, and say so only when a cut-off is recorded."""
+    """The shipped head records the rule's cut-off that defers as often as it does (0.9746...); the slider starts at
+    it rounded to its grid (a 0.05 grid would have given 0.95, a different rule), and says so only when a cut-off
+    is recorded."""
     head = make_test_head(dec.pair.base.hidden_size)
     if stored is not None:
         head.meta["min_prob"] = stored

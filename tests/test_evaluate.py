@@ -420,3 +420,62 @@ def test_a_run_made_under_another_end_rule_is_not_resumed(pair, tmp_path):
     data = {"questions_sha256": "x", "n": 1}
     diff = differences(run_manifest(old, Policy("base"), 8, data), run_manifest(new, Policy("base"), 8, data))
     assert len(diff) == 1 and diff[0].startswith("stop"), diff
+
+
+def test_a_cut_off_fixed_on_half_a_is_the_confidence_baseline_it_reports(pair, tmp_path):
+    """Half B reports the confidence rule with the cut-off chosen on half A (like η), in its own run file, instead of
+    re-matching the share on half B."""
+    import colm.evaluate as ev
+    from colm.data import Example
+    from colm.decode import CoLLM
+    ex = [Example(i, f"Tom has {i} apples.", "", str(i)) for i in range(2)]
+    dec = CoLLM(pair, DeferralHead(32, {"trained": True, "threshold": 0.5}))
+    kw = dict(thresholds=[0.5], batch_size=2, max_new_tokens=3, random_seeds=[0])
+    fixed = ev.evaluate(dec, ex, tmp_path / "b", min_prob=0.8125, **kw)
+    assert fixed["confidence"][0]["min_prob"] == 0.8125 and fixed["confidence"][0]["chosen_on"] == "dev-a"
+    assert (tmp_path / "b" / "runs" / "confidence-A0.8125.jsonl").exists()
+    matched = ev.evaluate(dec, ex, tmp_path / "a", **kw)
+    assert "chosen_on" not in matched["confidence"][0] and not list((tmp_path / "a" / "runs").glob("confidence-A*"))
+
+
+@pytest.mark.parametrize("extra, stored, keeps", [([], 0.9, "new"), (["--baseline-rate", "0.5"], 0.9, "none"),
+                                                  (["--no-baselines"], 0.9, "none"),
+                                                  (["--no-baselines"], "same", "old")],
+                         ids=["matched", "other-rate", "eta-moved", "eta-kept"])
+def test_write_threshold_records_the_cut_off_only_when_it_matches_the_new_eta(pair_dirs, tmp_path, extra, stored,
+                                                                              keeps):
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Tom has {i} apples. How many?", "answer": f"#### {i}"}) + "\n"
+                            for i in range(3)))
+    thr = 0.4
+    eta = thr if stored == "same" else 0.7
+    DeferralHead(32, {"trained": True, "threshold": eta, "thresholds": {"torch": eta}, "base_model": "tiny",
+                      "min_prob": 0.9, "min_probs": {"torch": 0.9, "llamacpp": 0.95}}).save(tmp_path / "h.safetensors")
+    assert main(["evaluate", "--data", str(data), "--split", "file", "--head", str(tmp_path / "h.safetensors"),
+                 "--out", str(tmp_path / "ev"), "--base", str(pair_dirs / "base"), "--expert", str(pair_dirs / "expert"),
+                 "--thresholds", str(thr), "--max-new-tokens", "3", "--batch-size", "3", "--dtype", "fp32",
+                 "--random-seeds", "0", "--write-threshold", *extra]) == 0
+    meta = DeferralHead.load(tmp_path / "h.safetensors").meta
+    assert meta["thresholds"]["torch"] == thr and meta["min_probs"]["llamacpp"] == 0.95     # other engines untouched
+    if keeps == "new":
+        res = json.loads((tmp_path / "ev" / "results.json").read_text())
+        assert meta["min_probs"]["torch"] == meta["min_prob"] == res["confidence"][0]["min_prob"]
+    elif keeps == "old":
+        assert meta["min_probs"]["torch"] == meta["min_prob"] == 0.9
+    else:
+        assert "torch" not in meta["min_probs"] and "min_prob" not in meta
+
+
+@pytest.mark.parametrize("split, want", [("dev-b", 0.8125), ("dev-a", None)])
+def test_half_b_takes_the_cut_off_the_head_recorded_on_half_a(pair_dirs, tmp_path, split, want):
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Ann has {i} pens. How many?", "answer": f"#### {i}"}) + "\n"
+                            for i in range(6)))
+    DeferralHead(32, {"trained": True, "threshold": 0.4, "base_model": "tiny", "min_probs": {"torch": 0.8125}}).save(
+        tmp_path / "h.safetensors")
+    assert main(["evaluate", "--data", str(data), "--split", split, "--dev-size", "2", "--head",
+                 str(tmp_path / "h.safetensors"), "--out", str(tmp_path / "ev"), "--base", str(pair_dirs / "base"),
+                 "--expert", str(pair_dirs / "expert"), "--thresholds", "0.4", "--max-new-tokens", "3",
+                 "--batch-size", "2", "--dtype", "fp32", "--random-seeds", "0"]) == 0
+    rule = json.loads((tmp_path / "ev" / "results.json").read_text())["confidence"][0]
+    assert (rule["min_prob"] == want) if want else ("chosen_on" not in rule and rule["min_prob"] != 0.8125)
