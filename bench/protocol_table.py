@@ -47,7 +47,8 @@ def policy_rows(res: dict) -> list[str]:
             rows.append(f"| random deferral, rate {r['rate']:.3f}, mean of seeds {r['seeds']} | {pct(r['accuracy'])} % "
                         f"± {pct(r['accuracy_sd'])} (sd) | {pct(r['deferral'])} % | | |")
     for c in res.get("confidence", []):
-        row(f"confidence (base top probability < {c['min_prob']:.3f})", c)
+        where = f", cut-off chosen on {c['chosen_on']}" if c.get("chosen_on") else ""
+        row(f"confidence (base top probability < {c['min_prob']:.4f}{where})", c)
     return rows
 
 

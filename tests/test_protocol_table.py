@@ -25,6 +25,7 @@ def test_protocol_table_renders_every_policy_with_its_interval(tmp_path, with_se
            "base": point(2, 10, 0.0), "expert": point(4, 10, 1.0), "chosen": {"threshold": 0.145, **point(5, 10, 0.32)},
            "random": [{"rate": 0.32, "seeds": list(range(with_seeds)), "per_seed": per_seed, "accuracy": 0.4,
                        "accuracy_sd": 0.1, "deferral": 0.3}],
+           "confidence": [{"min_prob": 0.9746494, "chosen_on": "dev-a", **point(4, 10, 0.31)}],
            "paired": {"colm_vs_expert": paired(colm, expert)}}
     (tmp_path / "results.json").write_text(json.dumps(res))
     text = main(str(tmp_path / "results.json"))
@@ -32,6 +33,7 @@ def test_protocol_table_renders_every_policy_with_its_interval(tmp_path, with_se
     assert f"50.0 % [{100 * lo:.1f}, {100 * hi:.1f}] (5/10) | 32.0 %" in text
     assert text.count("random deferral, rate 0.320, seed") == with_seeds
     assert ("mean of seeds" in text) == (with_seeds > 1)
+    assert "| confidence (base top probability < 0.9746, cut-off chosen on dev-a) | 40.0 % [" in text
     c = res["paired"]["colm_vs_expert"]
     assert f"| Co-LLM − expert | {100 * c['difference']:+.1f} " in text and f"| {c['only_a']} / {c['only_b']} |" in text
 
