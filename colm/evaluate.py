@@ -114,9 +114,10 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
         except ColmError:
             pass
     # Thresholds from the head's scores along the base's own answers: what the decoder sees before it defers.  The
-    # confidence baseline's cut-off comes from the same pass; with neither needed, skip it (minutes on a real pair).
+    # confidence baseline's cut-off comes from the same pass (unless fixed on half A); with neither needed, skip it
+    # (minutes on a real pair).
     p = top = None
-    if thresholds is None or baselines:
+    if thresholds is None or (baselines and min_prob is None):
         p, top = teacher_forced_scores(dec, sweep_examples, base, cache=runs)
     if thresholds is None:
         thresholds = quantile_thresholds(p, fractions)
@@ -166,14 +167,13 @@ def evaluate(dec: CoLLM, examples: list[Example], out: Path, fractions=FRACTIONS
             # The confidence policy's cut-off giving the same share of tokens along the base's answers.  The file
             # (and its manifest) is named by that share, not by the cut-off, so a rerun whose teacher-forced pass
             # rounds differently (another thread count) still finds it.
-            cut = float(torch.quantile(top.double(), f)) if f > 0 else 0.0
-            name, key = f"confidence-{f:.3f}", {"name": "confidence", "deferral_share": f}
+            cut, name, where = float(torch.quantile(top.double(), f)) if f > 0 else 0.0, f"confidence-{f:.3f}", {}
+            key = {"name": "confidence", "deferral_share": f}
         else:   # chosen on half A, like η: half B reports the rule as it was fixed there
-            cut, name, key = min_prob, f"confidence-A{min_prob:.4f}", {"name": "confidence", "min_prob": min_prob,
-                                                                        "chosen_on": "dev-a"}
+            cut, name, where = min_prob, f"confidence-A{min_prob:.4f}", {"chosen_on": "dev-a"}
+            key = {"name": "confidence", "min_prob": min_prob, **where}
         conf = run(Policy("confidence", min_prob=cut), name, examples, key=key)
-        results["confidence"] = [{"min_prob": cut, **({"chosen_on": "dev-a"} if min_prob is not None else {}),
-                                  **summarize(conf)}]
+        results["confidence"] = [{"min_prob": cut, **where, **summarize(conf)}]
         on_update(results)
         results["paired"] = paired_table(chosen_runs[0], {"expert": expert, "base": base, "confidence": conf,
                                                            **random_runs})

@@ -103,10 +103,12 @@ def test_evaluate_end_to_end_on_tiny_pair(pair_dirs, tmp_path, capsys):
     assert all(len(r["ids"]) <= 4 for r in map(json.loads, (out / "runs" / "base.jsonl").read_text().splitlines()))
 
 
-@pytest.mark.parametrize("thresholds, baselines, passes", [(None, False, 1), ([0.5], True, 1), ([0.5], False, 0)],
-                         ids=["sweep", "baselines", "fixed-no-baselines"])
+@pytest.mark.parametrize("thresholds, baselines, min_prob, passes",
+                         [(None, False, None, 1), ([0.5], True, None, 1), ([0.5], False, None, 0),
+                          ([0.5], True, 0.9, 0)],
+                         ids=["sweep", "baselines", "fixed-no-baselines", "baselines-cut-off-fixed"])
 def test_teacher_forced_pass_only_when_a_sweep_or_baseline_needs_it(pair, tmp_path, monkeypatch, thresholds,
-                                                                      baselines, passes):
+                                                                      baselines, min_prob, passes):
     """Fixed thresholds without baselines (re-summarising finished decodes) must not pay the teacher-forced pass."""
     import colm.evaluate as ev
     from colm.data import Example
@@ -117,7 +119,7 @@ def test_teacher_forced_pass_only_when_a_sweep_or_baseline_needs_it(pair, tmp_pa
     head = DeferralHead(32, {"trained": True, "threshold": 0.5})
     ex = [Example(i, f"Tom has {i} apples.", "", str(i)) for i in range(2)]
     res = ev.evaluate(CoLLM(pair, head), ex, tmp_path, fractions=[0.0, 0.5], thresholds=thresholds, batch_size=2,
-                      max_new_tokens=3, baselines=baselines)
+                      max_new_tokens=3, baselines=baselines, min_prob=min_prob)
     assert len(calls) == passes and res["chosen"]["n"] == 2
 
 
