@@ -105,6 +105,11 @@ def release(trace) -> None:
         trace.release()
 
 
+def about_on_first_visit(seen: bool):
+    """About stays open for a first visit and starts closed on a return (the visitor can still open it)."""
+    return gr.skip() if not seen else gr.Accordion(open=False)
+
+
 def engine_label(decoder: CoLLM) -> str:
     threads = getattr(decoder.pair.base, "threads", None)
     return f"{decoder.pair.engine}" + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
@@ -332,7 +337,7 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
                     f"head **{decoder.head.identity if decoder.head is not None else 'none'}** · "
                     f"engine **{engine_label(decoder)}**", elem_id="models")
         gr.Markdown(banner, visible=bool(banner), elem_id="banner")
-        with gr.Accordion("About: how Co-LLM writes an answer", open=True, elem_id="about"):
+        with gr.Accordion("About: how Co-LLM writes an answer", open=True, elem_id="about") as about:
             gr.HTML(page.ABOUT_HTML, apply_default_css=False, js_on_load=None)
             with gr.Accordion("The maths", open=False):
                 gr.Markdown(page.ABOUT_MATHS, latex_delimiters=LATEX)
@@ -412,6 +417,9 @@ def build_app(decoder: CoLLM, banner: str = "", examples: list[tuple[str, str]] 
         cmp_btn.click(compare, [prompt, threshold, max_new], [stop_state, *cmp_views, cmp_table, note],
                       api_name="compare", **model_call)
         policy.change(show_policy_sliders, [policy], [rate, min_prob], api_visibility="private", queue=False)
+        # SEEN_JS reads (and sets) this browser's "been here" flag into the hidden box before the server answers.
+        seen_box = gr.Checkbox(False, visible=False)
+        demo.load(about_on_first_visit, [seen_box], [about], js=page.SEEN_JS, **private)
     demo.colm_export_dir = export_dir
     return demo
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -22,11 +23,15 @@ from pathlib import Path
 CMAKE_ARGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON",
               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
               "-DGGML_BUILD_TESTS=OFF", "-DGGML_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"]
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+if platform.machine() == "x86_64":      # as requirements.txt builds llama-cpp-python: no AMX kernels (SIGILL on a VM)
+    CMAKE_ARGS += [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
 
 
 def cache_dir() -> Path:
     from colm.cache import cache_root
-    return cache_root() / "llama-server" / importlib.metadata.version("llama-cpp-python")
+    # "-noamx": a binary built before the flag (AMX kernels in) is not reused
+    return cache_root() / "llama-server" / (importlib.metadata.version("llama-cpp-python") + "-noamx")
 
 
 def binary() -> Path | None:

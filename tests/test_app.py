@@ -150,6 +150,21 @@ def test_the_confidence_slider_starts_at_the_cut_off_recorded_with_the_head(dec,
     assert bool(slider.info) == (stored is not None)
 
 
+@pytest.mark.parametrize("seen", [False, True])
+def test_about_starts_closed_only_for_a_returning_browser(dec, seen):
+    """The page's load event carries the browser's "been here" flag (SEEN_JS) to the server, which closes About by
+    Gradio's own update on a return and leaves it as built (open) on a first visit."""
+    import gradio as gr
+    demo = app.build_app(dec)
+    about = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "about")
+    assert about.open is True
+    load = next(d for d in demo.fns.values() if d.fn is app.about_on_first_visit)
+    assert [t[1] for t in load.targets] == ["load"] and load.js == page.SEEN_JS
+    assert [o._id for o in load.outputs] == [about._id]
+    update = app.about_on_first_visit(seen)
+    assert (update.open is False) if seen else isinstance(update, type(gr.skip()))
+
+
 def test_export_is_off_until_there_is_a_trace(dec):
     demo = app.build_app(dec)
     button = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "export")

@@ -432,9 +432,22 @@ def test_key_dependencies_are_pinned():
         assert md.version(name).split("+")[0] == pins[name.lower()][1], name
     req = (ROOT / "requirements.txt").read_text().splitlines()
     assert "-e ." in req
-    llama = [r for r in req if r.startswith("llama-cpp-python==")]
-    assert len(llama) == 1 and llama[0].split()[0] == f"llama-cpp-python=={pins['llama-cpp-python'][1]}"
-    assert "--config-settings=" in llama[0]
+    lines = [r for r in req if r.startswith("llama-cpp-python==")]
+    assert [r.split()[0] for r in lines] == [f"llama-cpp-python=={pins['llama-cpp-python'][1]}"] * 2
+    assert sorted(r.split(";")[1].split("--")[0].strip() for r in lines) == \
+        ['platform_machine != "x86_64"', 'platform_machine == "x86_64"']          # exactly one applies anywhere
+    assert all("--config-settings=" in r and "LLAMA_BUILD_TOOLS=OFF" in r for r in lines)
+    x86 = next(r for r in lines if '== "x86_64"' in r)
+    # The AMX kernels died with SIGILL on an AMX-advertising VM: on x86-64 both compilers leave them out.
+    assert all(f"-DCMAKE_{lang}_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in x86 for lang in ("C", "CXX"))
+
+
+def test_the_installed_llama_cpp_has_no_amx_kernels():
+    """requirements.txt builds llama.cpp without AMX on x86-64; a wheel from before (pip's cache reuses it whatever
+    the flags) still has them and dies with SIGILL where AMX is advertised but unusable: README says how to rebuild."""
+    L = pytest.importorskip("llama_cpp")
+    info = L.llama_print_system_info().decode()
+    assert "AMX_INT8 = 1" not in info, f"llama-cpp-python was built with AMX ({info}): see README, Quick start"
 
 
 # ----------------------------------------------------------------------------------------------- broken files

@@ -9,7 +9,7 @@ Everything that shows model text goes through colm.viz.display_token and html.es
 never markup.  Colours come from colm.viz.PALETTE only.
 """
 from . import about, panels, view
-from .about import ABOUT_HTML, ABOUT_MATHS, PAGE_JS, PAPER  # noqa: F401
+from .about import ABOUT_HTML, ABOUT_MATHS, PAGE_JS, PAPER, SEEN_JS  # noqa: F401
 from .panels import (NO_SELECTION, branch_html, branch_label, changes_html, compare_table, details_html,  # noqa: F401
                      preview_html, progress_line)
 from .view import EMPTY, VIEW_JS, text_html, tokens_of, view_html  # noqa: F401

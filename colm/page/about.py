@@ -74,6 +74,17 @@ regression on *disagreement* — positions where the base's top token differs fr
 next deferral, so expert forward passes = deferred tokens.
 """
 
+# About is open on the first visit only.  The browser remembers the visit; the server closes the accordion through
+# Gradio's own update (demo.load with this as its js step), because a script clicking the toggle raced Gradio
+# wiring it: on a loaded machine the click was lost and About stayed open.
+SEEN_JS = r"""
+() => {
+  let seen = false;
+  try { seen = !!localStorage.getItem("colm-about-seen"); localStorage.setItem("colm-about-seen", "1"); } catch (e) {}
+  return seen;
+}
+"""
+
 # Runs once when the page loads (launch(js=...)).  Gradio's slider re-decodes on "release", which a mouse sends
 # on pointerup and the number box on blur, but arrow keys never send: the keys end the same way here, once the
 # user stops pressing them.  Enter in the number box leaves it, which releases too.
@@ -91,21 +102,6 @@ PAGE_JS = r"""
   document.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && inThreshold(e.target) && e.target.type === "number") e.target.blur();
   });
-  // About is open on the first visit only.
-  let seen = false;
-  try { seen = !!localStorage.getItem("colm-about-seen"); localStorage.setItem("colm-about-seen", "1"); } catch (e) {}
-  if (!seen) return;
-  // A click that lands before Gradio has wired the toggle is lost (seen on a loaded machine), so look again
-  // after each click and stop only once the panel is seen closed: a visitor who reopens it later keeps it open.
-  let tries = 0, clicked = false;
-  const close = () => {
-    const body = document.querySelector("#about .colm-about");
-    const toggle = document.querySelector("#about button, #about .label-wrap");
-    if (clicked && body && body.offsetParent === null) return;
-    if (body && toggle && body.offsetParent !== null) { toggle.click(); clicked = true; }
-    if (++tries < 100) setTimeout(close, clicked ? 500 : 100);
-  };
-  close();
 }
 """
 
