@@ -59,6 +59,17 @@ def small_base():
 
 
 @needs_default
+@pytest.mark.parametrize("info, warned", [
+    (b"CPU : AVX512 = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | REPACK = 1 | ", True),     # an older build
+    (b"CPU : AVX512 = 1 | AVX512_BF16 = 1 | REPACK = 1 | ", False),                   # requirements.txt's
+])
+def test_a_build_with_amx_kernels_is_named_before_it_can_crash(info, warned, recwarn):
+    from types import SimpleNamespace
+    from colm.engines import llamacpp
+    assert llamacpp.warn_if_amx(SimpleNamespace(llama_print_system_info=lambda: info)) is warned
+    assert [str(w.message) for w in recwarn] == ([llamacpp.AMX_WARNING] if warned else [])
+
+
 def test_llamacpp_refuses_a_file_that_is_not_gguf(tmp_path):
     from colm.engines.llamacpp import LlamaCppEngine
     bad = tmp_path / "model.gguf"

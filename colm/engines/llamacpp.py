@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,20 @@ _backend_ready = False
 _log_callback = None   # kept referenced: llama.cpp calls it for as long as the process lives
 
 
+AMX_WARNING = ("this llama-cpp-python was built with llama.cpp's AMX kernels, which died with 'Illegal instruction' "
+               "at the first token on a Xeon VM that advertises AMX; if the process dies that way, rebuild it as "
+               "README's Quick start says (requirements.txt builds it without them)")
+
+
+def warn_if_amx(L) -> bool:
+    """An older build (pip's wheel cache reuses it whatever requirements.txt's flags) may carry the AMX kernels: a
+    SIGILL kills the process with no Python error, so say beforehand what fixes it."""
+    amx = b"AMX_INT8 = 1" in L.llama_print_system_info()
+    if amx:
+        warnings.warn(AMX_WARNING, RuntimeWarning, stacklevel=2)
+    return amx
+
+
 def _init_backend(verbose: bool = False) -> None:
     global _backend_ready, _log_callback
     import llama_cpp as L
@@ -50,6 +65,7 @@ def _init_backend(verbose: bool = False) -> None:
         if _backend_ready:
             return
         L.llama_backend_init()
+        warn_if_amx(L)
         if not verbose:
             _log_callback = L.llama_log_callback(lambda level, text, data: None)
             L.llama_log_set(_log_callback, ctypes.c_void_p())
