@@ -58,18 +58,44 @@ def small_base():
     return LlamaCppEngine(models.ensure_default_gguf(models.DEFAULT_BASE), 151936, 2, role="base", n_ctx=256, n_seq=2)
 
 
-@needs_default
-@pytest.mark.parametrize("info, warned", [
+@pytest.mark.parametrize("info, amx", [
     (b"CPU : AVX512 = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | REPACK = 1 | ", True),     # an older build
     (b"CPU : AVX512 = 1 | AVX512_BF16 = 1 | REPACK = 1 | ", False),                   # requirements.txt's
 ])
-def test_a_build_with_amx_kernels_is_named_before_it_can_crash(info, warned, recwarn):
+def test_the_amx_kernels_are_read_off_the_build(info, amx):
     from types import SimpleNamespace
     from colm.engines import llamacpp
-    assert llamacpp.warn_if_amx(SimpleNamespace(llama_print_system_info=lambda: info)) is warned
-    assert [str(w.message) for w in recwarn] == ([llamacpp.AMX_WARNING] if warned else [])
+    assert llamacpp.amx_built(SimpleNamespace(llama_print_system_info=lambda: info)) is amx
 
 
+@needs_default
+def test_a_build_with_amx_kernels_runs_without_them(small_base, monkeypatch, recwarn):
+    """An older build (AMX in; it died with SIGILL on a Xeon VM) is named by a warning and loads its models without
+    the extra buffer types the AMX kernels run on; it answers as the normal load does, within the engine's
+    crop-and-continue tolerance (other kernels, same model)."""
+    import llama_cpp as L
+    from colm import cache as models
+    from colm.engines import llamacpp
+    monkeypatch.setattr(llamacpp, "_amx", False)            # restored after: _init_backend sets it below
+    monkeypatch.setattr(llamacpp, "_backend_ready", False)
+    monkeypatch.setattr(llamacpp, "amx_built", lambda lib: True)
+    loads, real = [], L.llama_model_load_from_file
+    monkeypatch.setattr(L, "llama_model_load_from_file", lambda path, mp: loads.append(mp.use_extra_bufts) or real(path, mp))
+    safe = llamacpp.LlamaCppEngine(models.ensure_default_gguf(models.DEFAULT_BASE), 151936, 1, role="base",
+                                   n_ctx=64, n_seq=1)
+    assert loads == [False]
+    assert [str(w.message) for w in recwarn if w.category is RuntimeWarning] == [llamacpp.AMX_WARNING]
+    logits = []
+    for eng in (small_base, safe):
+        rows = eng.open(1)
+        try:
+            logits.append(eng.feed(rows, [[100, 101, 102, 103]], keep=1).logits[0][-1].float())
+        finally:
+            eng.close(rows)
+    assert logits[0].argmax() == logits[1].argmax() and (logits[0] - logits[1]).abs().max() < 0.5
+
+
+@needs_default
 def test_llamacpp_refuses_a_file_that_is_not_gguf(tmp_path):
     from colm.engines.llamacpp import LlamaCppEngine
     bad = tmp_path / "model.gguf"

@@ -442,14 +442,6 @@ def test_key_dependencies_are_pinned():
     assert all(f"-DCMAKE_{lang}_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in x86 for lang in ("C", "CXX"))
 
 
-def test_the_installed_llama_cpp_has_no_amx_kernels():
-    """requirements.txt builds llama.cpp without AMX on x86-64; a wheel from before (pip's cache reuses it whatever
-    the flags) still has them and dies with SIGILL where AMX is advertised but unusable: README says how to rebuild."""
-    L = pytest.importorskip("llama_cpp")
-    info = L.llama_print_system_info().decode()
-    assert "AMX_INT8 = 1" not in info, f"llama-cpp-python was built with AMX ({info}): see README, Quick start"
-
-
 # ----------------------------------------------------------------------------------------------- broken files
 class Planted:
     """Unpickling this would create ``path``: proof that nothing ever unpickles a head."""

@@ -42,30 +42,30 @@ class LlamaRows:
 _backend_lock = threading.Lock()
 _backend_ready = False
 _log_callback = None   # kept referenced: llama.cpp calls it for as long as the process lives
+_amx = False           # the AMX kernels are compiled in (an older build): run without extra buffer types
 
 
 AMX_WARNING = ("this llama-cpp-python was built with llama.cpp's AMX kernels, which died with 'Illegal instruction' "
-               "at the first token on a Xeon VM that advertises AMX; if the process dies that way, rebuild it as "
-               "README's Quick start says (requirements.txt builds it without them)")
+               "at the first token on a Xeon VM that advertises AMX: colm runs it without llama.cpp's extra weight "
+               "layouts (no AMX, no repacking). README's Quick start says how to rebuild it.")
 
 
-def warn_if_amx(L) -> bool:
-    """An older build (pip's wheel cache reuses it whatever requirements.txt's flags) may carry the AMX kernels: a
-    SIGILL kills the process with no Python error, so say beforehand what fixes it."""
-    amx = b"AMX_INT8 = 1" in L.llama_print_system_info()
-    if amx:
-        warnings.warn(AMX_WARNING, RuntimeWarning, stacklevel=2)
-    return amx
+def amx_built(L) -> bool:
+    """Whether this llama.cpp has the AMX kernels in: requirements.txt builds it without them on x86-64, but pip's
+    wheel cache reuses an older build whatever the flags.  Their SIGILL kills the process with no Python error."""
+    return b"AMX_INT8 = 1" in L.llama_print_system_info()
 
 
 def _init_backend(verbose: bool = False) -> None:
-    global _backend_ready, _log_callback
+    global _backend_ready, _log_callback, _amx
     import llama_cpp as L
     with _backend_lock:
         if _backend_ready:
             return
         L.llama_backend_init()
-        warn_if_amx(L)
+        _amx = amx_built(L)
+        if _amx:
+            warnings.warn(AMX_WARNING, RuntimeWarning, stacklevel=3)
         if not verbose:
             _log_callback = L.llama_log_callback(lambda level, text, data: None)
             L.llama_log_set(_log_callback, ctypes.c_void_p())
@@ -104,6 +104,9 @@ class LlamaCppEngine:
         # Read the file, do not map it: llama.cpp repacks most quantised weights into an interleaved copy of its
         # own, and the mapped pages it read them from stay mapped and counted (0.59 GB more RSS for the expert).
         mp.load_mode = L.LLAMA_LOAD_MODE_NONE
+        # The AMX kernels run only on weights placed in their "extra" buffer type: without those, no AMX (and no
+        # repacking either), so an older build runs where AMX would die (at the same speed on cpu-2: BENCHMARKS).
+        mp.use_extra_bufts = not _amx
         self.model = L.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self.model:
             raise ColmError(f"llama.cpp could not load {self.path} as the {role} model (unsupported or damaged GGUF)")
