@@ -6,7 +6,7 @@ with the engine's guard (no extra buffer types), against requirements.txt's buil
     pip install --no-deps --target /tmp/amxlib /tmp/amxwheel/*.whl
     PYTHONPATH=/tmp/amxlib python bench/amx_guard.py; python bench/amx_guard.py               # alternate, twice
 
-64 greedy one-token steps after an 80-token prompt, base then expert, the engine's default threads (all cores).
+64 greedy one-token steps after an 80-token prompt, base then expert, 2 threads.
 """
 import time
 import warnings

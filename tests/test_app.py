@@ -161,6 +161,7 @@ def test_about_starts_closed_only_for_a_returning_browser(dec, seen):
     load = next(d for d in demo.fns.values() if d.fn is app.about_on_first_visit)
     assert [t[1] for t in load.targets] == ["load"] and load.js == page.SEEN_JS
     assert [o._id for o in load.outputs] == [about._id]
+    assert [type(i) for i in load.inputs] == [gr.Checkbox] and load.inputs[0].visible is False
     update = app.about_on_first_visit(seen)
     assert (update.open is False) if seen else isinstance(update, type(gr.skip()))
 

@@ -351,6 +351,8 @@ def test_about_is_open_on_the_first_visit_only(browser, served, errors):
     context = browser.new_context(viewport={"width": 1300, "height": 1000})     # a visitor's own storage
     try:
         first = open_page(browser, served[0], errors, context)
+        first.wait_for_function("localStorage.getItem('colm-about-seen') === '1'")     # the load event's js step ran
+        first.wait_for_timeout(1500)            # and its answer (nothing, on a first visit) had time to arrive
         assert first.locator("#about .colm-about").is_visible()
         link = first.locator("#about a[href='https://arxiv.org/abs/2403.03870']")
         assert link.count() == 1
