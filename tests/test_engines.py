@@ -76,7 +76,6 @@ def test_a_build_with_amx_kernels_runs_without_them(small_base, monkeypatch, rec
     import llama_cpp as L
     from colm import cache as models
     from colm.engines import llamacpp
-    monkeypatch.setattr(llamacpp, "_amx", False)            # restored after: _init_backend sets it below
     monkeypatch.setattr(llamacpp, "_backend_ready", False)
     monkeypatch.setattr(llamacpp, "amx_built", lambda lib: True)
     loads, real = [], L.llama_model_load_from_file

@@ -42,7 +42,6 @@ class LlamaRows:
 _backend_lock = threading.Lock()
 _backend_ready = False
 _log_callback = None   # kept referenced: llama.cpp calls it for as long as the process lives
-_amx = False           # the AMX kernels are compiled in (an older build): run without extra buffer types
 
 
 AMX_WARNING = ("this llama-cpp-python was built with llama.cpp's AMX kernels, which died with 'Illegal instruction' "
@@ -57,14 +56,13 @@ def amx_built(L) -> bool:
 
 
 def _init_backend(verbose: bool = False) -> None:
-    global _backend_ready, _log_callback, _amx
+    global _backend_ready, _log_callback
     import llama_cpp as L
     with _backend_lock:
         if _backend_ready:
             return
         L.llama_backend_init()
-        _amx = amx_built(L)
-        if _amx:
+        if amx_built(L):
             warnings.warn(AMX_WARNING, RuntimeWarning, stacklevel=3)
         if not verbose:
             _log_callback = L.llama_log_callback(lambda level, text, data: None)
@@ -106,7 +104,7 @@ class LlamaCppEngine:
         mp.load_mode = L.LLAMA_LOAD_MODE_NONE
         # The AMX kernels run only on weights placed in their "extra" buffer type: without those, no AMX (and no
         # repacking either), so an older build runs where AMX would die (at the same speed on cpu-2: BENCHMARKS).
-        mp.use_extra_bufts = not _amx
+        mp.use_extra_bufts = not amx_built(L)
         self.model = L.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self.model:
             raise ColmError(f"llama.cpp could not load {self.path} as the {role} model (unsupported or damaged GGUF)")
